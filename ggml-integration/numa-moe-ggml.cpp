@@ -1,0 +1,191 @@
+// The ggml-cpu side of numa-moe: an extra buffer type in ggml's own pattern (repack.cpp,
+// amx/) whose decisions are all forwarded to libnuma_moe.so through its C ABI. It also hands
+// the library the ggml and ggml-cpu functions it calls, so the library links no ggml library
+// and can be LD_PRELOADed into any patched build. Kept thin on purpose: logic lives in Rust.
+
+#include "numa-moe-ggml.h"
+
+#include "ggml-backend-impl.h"
+#include "ggml-cpu-impl.h"
+#include "ggml-cpu.h"
+#include "ggml-impl.h"
+#include "numa_moe.h"
+#include "tiled/tiled.h"
+#include "traits.h"
+
+#ifdef GGML_USE_CPU_REPACK
+#    include "repack.h"
+#endif
+
+#ifndef GGML_NUMA_MOE_LINKED
+#    include <dlfcn.h>
+#endif
+
+namespace numa_moe_ggml {
+
+// The library's entry points: linked (GGML_NUMA_MOE_LINK) or found in the process.
+struct library {
+    decltype(&numa_moe_ggml_attach)          attach          = nullptr;
+    decltype(&numa_moe_ggml_supports_op)     supports_op     = nullptr;
+    decltype(&numa_moe_ggml_work_size)       work_size       = nullptr;
+    decltype(&numa_moe_ggml_compute_forward) compute_forward = nullptr;
+};
+
+static library resolve() {
+    library lib;
+#ifdef GGML_NUMA_MOE_LINKED
+    lib.attach          = numa_moe_ggml_attach;
+    lib.supports_op     = numa_moe_ggml_supports_op;
+    lib.work_size       = numa_moe_ggml_work_size;
+    lib.compute_forward = numa_moe_ggml_compute_forward;
+#else
+    lib.attach          = (decltype(lib.attach))          dlsym(RTLD_DEFAULT, "numa_moe_ggml_attach");
+    lib.supports_op     = (decltype(lib.supports_op))     dlsym(RTLD_DEFAULT, "numa_moe_ggml_supports_op");
+    lib.work_size       = (decltype(lib.work_size))       dlsym(RTLD_DEFAULT, "numa_moe_ggml_work_size");
+    lib.compute_forward = (decltype(lib.compute_forward)) dlsym(RTLD_DEFAULT, "numa_moe_ggml_compute_forward");
+    if (!lib.attach || !lib.supports_op || !lib.work_size || !lib.compute_forward) {
+        return {};
+    }
+#endif
+    return lib;
+}
+
+static library g_lib;
+
+// ggml functions handed to the library (ggml objects travel as void *)
+
+static void * buffer_init(void * buft, const void * iface, void * context, size_t size) {
+    return ggml_backend_buffer_init((ggml_backend_buffer_type_t) buft, *(const ggml_backend_buffer_i *) iface, context, size);
+}
+
+static const void * type_traits(int32_t type) {
+    return ggml_get_type_traits((ggml_type) type);
+}
+
+static const void * type_traits_cpu(int32_t type) {
+    return ggml_get_type_traits_cpu((ggml_type) type);
+}
+
+static void barrier(void * threadpool) {
+    ggml_barrier((ggml_threadpool *) threadpool);
+}
+
+static bool is_numa(void) {
+    return ggml_is_numa();
+}
+
+static void log_line(int32_t level, const char * text) {
+    ggml_log_internal((ggml_log_level) level, "%s", text);
+}
+
+static size_t tiled_wdata_size(int32_t n_tasks, const void * dst) {
+    return ggml_tiled_wdata_size(n_tasks, (ggml_tensor *) dst);
+}
+
+static bool mmid_tiled(const NumaMoeComputeParams * p, void * dst, int64_t expert, int64_t n_rows,
+                       const int32_t * expert_rows, char * scratch) {
+    const ggml_compute_params params = {
+        /* .ith        = */ p->ith,
+        /* .nth        = */ p->nth,
+        /* .wsize      = */ p->wsize,
+        /* .wdata      = */ p->wdata,
+        /* .threadpool = */ (ggml_threadpool *) p->threadpool,
+        /* .use_ref    = */ p->use_ref,
+    };
+    return ggml_compute_forward_mul_mat_id_tiled(&params, (ggml_tensor *) dst, expert, n_rows, expert_rows, scratch);
+}
+
+// Asks CPU_REPACK the question llama.cpp's loader asks it: would it take these weights?
+static bool stock_repacks(const void * op_) {
+#ifdef GGML_USE_CPU_REPACK
+    const ggml_tensor *        op   = (const ggml_tensor *) op_;
+    ggml_backend_buffer_type_t buft = ggml_backend_cpu_repack_buffer_type();
+    if (!buft || !buft->context || !op->src[0]) {
+        return false;
+    }
+    ggml_tensor weights = *op->src[0];
+    ggml_tensor probe   = *op;
+    weights.buffer      = ggml_backend_buft_alloc_buffer(buft, 0);
+    weights.data        = nullptr;
+    weights.extra       = nullptr;
+    probe.src[0]        = &weights;
+    const bool taken    = ((ggml::cpu::extra_buffer_type *) buft->context)->supports_op(buft->device, &probe);
+    ggml_backend_buffer_free(weights.buffer);
+    return taken;
+#else
+    GGML_UNUSED(op_);
+    return false;
+#endif
+}
+
+class tensor_traits : public ggml::cpu::tensor_traits {
+    bool work_size(int n_threads, const ggml_tensor * op, size_t & size) override {
+        return g_lib.work_size(n_threads, op, &size);
+    }
+
+    bool compute_forward(ggml_compute_params * params, ggml_tensor * op) override {
+        const NumaMoeComputeParams p = {
+            /* .ith        = */ params->ith,
+            /* .nth        = */ params->nth,
+            /* .wsize      = */ params->wsize,
+            /* .wdata      = */ params->wdata,
+            /* .threadpool = */ params->threadpool,
+            /* .use_ref    = */ params->use_ref,
+        };
+        return g_lib.compute_forward(&p, op);
+    }
+};
+
+class extra_buffer_type : public ggml::cpu::extra_buffer_type {
+  public:
+    ggml_backend_buffer_type_t buft = nullptr;
+
+    bool supports_op(ggml_backend_dev_t, const ggml_tensor * op) override {
+        return g_lib.supports_op(op);
+    }
+
+    ggml::cpu::tensor_traits * get_tensor_traits(const ggml_tensor * op) override {
+        static tensor_traits traits;
+        if (op->op == GGML_OP_MUL_MAT_ID && op->src[0] && op->src[0]->buffer && op->src[0]->buffer->buft == buft) {
+            return &traits;
+        }
+        return nullptr;
+    }
+};
+
+}  // namespace numa_moe_ggml
+
+ggml_backend_buffer_type_t ggml_backend_numa_moe_buffer_type(void) {
+    static ggml_backend_buffer_type_t buft = []() -> ggml_backend_buffer_type_t {
+        using namespace numa_moe_ggml;
+        g_lib = resolve();
+        if (!g_lib.attach) {
+            return nullptr;  // library not loaded: stock behaviour
+        }
+        auto * extra = new extra_buffer_type();
+
+        NumaMoeGgmlApi api       = {};
+        api.struct_size          = sizeof(api);
+        api.backend_api_version  = GGML_BACKEND_API_VERSION;
+        api.cpu_device           = ggml_backend_reg_dev_get(ggml_backend_cpu_reg(), 0);
+        api.extra_context        = extra;
+        api.buffer_init          = buffer_init;
+        api.get_type_traits      = type_traits;
+        api.get_type_traits_cpu  = type_traits_cpu;
+        api.barrier              = barrier;
+        api.is_numa              = is_numa;
+        api.log                  = log_line;
+        api.tiled_wdata_size     = tiled_wdata_size;
+        api.mmid_tiled           = mmid_tiled;
+        api.stock_repacks        = stock_repacks;
+
+        auto * b = (ggml_backend_buffer_type_t) g_lib.attach(&api);
+        if (!b) {
+            delete extra;
+            return nullptr;
+        }
+        extra->buft = b;
+        return b;
+    }();
+    return buft;
+}

@@ -1,0 +1,675 @@
+//! The `--numa-expert-map` language (also NUMA_MOE_EXPERT_MAP): parse, render, check.
+//!
+//! ```text
+//! map      = rule , { ";" , rule } ;
+//! rule     = [ "blk." , ranges , "=" ] , body ;      (no "blk." prefix: the default rule)
+//! body     = policy , [ "@" , nodes ]  |  clause , { "," , clause } ;
+//! policy   = "auto" | "rows" | "block" | "round-robin" | "interleave" | "mirror" | "off" ;
+//! clause   = experts , ":" , nodeset ;
+//! experts  = "*" | range ;                           ("*": every expert no other clause maps)
+//! ranges   = range , { "," , range } ;
+//! range    = int , [ "-" , int ] ;                   (inclusive)
+//! nodeset  = int , { "+" , int } ;                   (several nodes: a copy on each)
+//! nodes    = int , { "," , int } ;
+//! ```
+//!
+//! Examples: `rows`, `rows@0,1`, `0-7:0,8-15:1`, `0-3:0+1,4-7:1`, `0-7:0,*:1`,
+//! `blk.0-2=mirror;blk.3-60=rows`. Layers no rule selects stay on llama.cpp's own path.
+//!
+//! Errors carry the byte span of the offending text so messages can point at it. Checks come
+//! in three stages, each before any memory is touched: syntax ([`ExpertMap::parse`]), the
+//! machine ([`ExpertMap::check_nodes`]) and each expert tensor ([`ExpertMap::resolve`]).
+
+use std::fmt;
+use std::ops::Range;
+
+use crate::topology::Topology;
+
+pub type Span = Range<usize>;
+
+/// The named placement policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// The planner's choice for decode: `rows` on a multi-node machine, `off` on one node.
+    Auto,
+    /// Every expert's rows split across nodes; each node computes its share of every expert.
+    Rows,
+    /// Contiguous ranges of whole experts per node, sized by each node's cores.
+    Block,
+    /// Whole experts dealt to nodes in turn.
+    RoundRobin,
+    /// Kernel page interleaving across nodes; computed by llama.cpp's own kernel (a baseline).
+    Interleave,
+    /// A full copy on every node; each node computes its share from its own copy.
+    Mirror,
+    /// llama.cpp's own placement and kernels.
+    Off,
+}
+
+impl Policy {
+    pub const ALL: [Policy; 7] =
+        [Policy::Auto, Policy::Rows, Policy::Block, Policy::RoundRobin, Policy::Interleave, Policy::Mirror, Policy::Off];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Auto => "auto",
+            Policy::Rows => "rows",
+            Policy::Block => "block",
+            Policy::RoundRobin => "round-robin",
+            Policy::Interleave => "interleave",
+            Policy::Mirror => "mirror",
+            Policy::Off => "off",
+        }
+    }
+
+    fn from_name(s: &str) -> Option<Policy> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// Which experts a clause covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Experts {
+    /// `*`: every expert that no other clause names.
+    Rest,
+    /// `lo-hi` inclusive (`n` is `n-n`).
+    Range(u32, u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Clause {
+    pub experts: Experts,
+    /// One node, or several for a copy on each.
+    pub nodes: Vec<u32>,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Policy { policy: Policy, nodes: Option<Vec<u32>>, span: Span },
+    Clauses(Vec<Clause>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Inclusive layer ranges this rule selects; `None` for the default rule.
+    pub layers: Option<Vec<(u32, u32)>>,
+    pub body: Body,
+    pub span: Span,
+}
+
+/// A parsed map. Equality ignores nothing: spans are part of it, so compare renders when
+/// two maps written differently should be the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertMap {
+    pub rules: Vec<Rule>,
+    pub text: String,
+}
+
+/// A map that cannot be used, with the text it came from and where the problem is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapError {
+    pub text: String,
+    pub span: Option<Span>,
+    pub message: String,
+}
+
+impl MapError {
+    fn new(text: &str, span: Option<Span>, message: impl Into<String>) -> Self {
+        MapError { text: text.to_string(), span, message: message.into() }
+    }
+}
+
+impl fmt::Display for MapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid expert map \"{}\": {}", self.text, self.message)?;
+        if let Some(s) = &self.span {
+            if s.end > s.start + 1 {
+                write!(f, " (at characters {}-{}: \"{}\")", s.start + 1, s.end, &self.text[s.clone()])?;
+            } else {
+                write!(f, " (at character {})", s.start + 1)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for MapError {}
+
+/// What a map asks for one expert tensor, after checking it against the tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// Leave the tensor to llama.cpp.
+    Off,
+    /// A named policy over these nodes (`None`: the planner's default nodes).
+    Policy { policy: Policy, nodes: Option<Vec<u32>> },
+    /// For every expert, the nodes that hold a copy of it (first: the primary copy).
+    Explicit { holders: Vec<Vec<u32>> },
+}
+
+struct Parser<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn err<T>(&self, span: Span, msg: impl Into<String>) -> Result<T, MapError> {
+        Err(MapError::new(self.s, Some(span), msg))
+    }
+
+    fn skip_ws(&mut self) {
+        while self.pos < self.b.len() && self.b[self.pos].is_ascii_whitespace() {
+            self.pos += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.b.get(self.pos).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> bool {
+        if self.peek() == Some(c) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn describe_here(&self) -> String {
+        match self.b.get(self.pos) {
+            None => "the end of the map".to_string(),
+            Some(_) => {
+                let ch = self.s[self.pos..].chars().next().unwrap_or('?');
+                format!("'{ch}'")
+            }
+        }
+    }
+
+    fn here(&self) -> Span {
+        let len = self.s[self.pos.min(self.s.len())..].chars().next().map_or(0, |c| c.len_utf8());
+        self.pos..self.pos + len.max(if self.pos < self.s.len() { 1 } else { 0 })
+    }
+
+    fn int(&mut self, what: &str) -> Result<(u32, Span), MapError> {
+        self.skip_ws();
+        let start = self.pos;
+        while self.pos < self.b.len() && self.b[self.pos].is_ascii_digit() {
+            self.pos += 1;
+        }
+        if start == self.pos {
+            let found = self.describe_here();
+            return self.err(self.here(), format!("expected {what}, found {found}"));
+        }
+        match self.s[start..self.pos].parse::<u32>() {
+            Ok(v) => Ok((v, start..self.pos)),
+            Err(_) => self.err(start..self.pos, format!("{what} {} is too large", &self.s[start..self.pos])),
+        }
+    }
+
+    fn range(&mut self, what: &str) -> Result<((u32, u32), Span), MapError> {
+        let (lo, s0) = self.int(what)?;
+        if self.eat(b'-') {
+            let (hi, s1) = self.int(what)?;
+            if hi < lo {
+                return self.err(s0.start..s1.end, format!("{what} range {lo}-{hi} runs backwards"));
+            }
+            Ok(((lo, hi), s0.start..s1.end))
+        } else {
+            Ok(((lo, lo), s0))
+        }
+    }
+
+    fn word(&mut self) -> (String, Span) {
+        self.skip_ws();
+        let start = self.pos;
+        while self.pos < self.b.len() && (self.b[self.pos].is_ascii_alphabetic() || self.b[self.pos] == b'-') {
+            self.pos += 1;
+        }
+        (self.s[start..self.pos].to_string(), start..self.pos)
+    }
+
+    fn map(&mut self) -> Result<Vec<Rule>, MapError> {
+        let mut rules = vec![self.rule()?];
+        loop {
+            match self.peek() {
+                None => break,
+                Some(b';') => {
+                    self.pos += 1;
+                    rules.push(self.rule()?);
+                }
+                Some(_) => {
+                    let found = self.describe_here();
+                    return self.err(self.here(), format!("expected ',' or ';', found {found}"));
+                }
+            }
+        }
+        Ok(rules)
+    }
+
+    fn rule(&mut self) -> Result<Rule, MapError> {
+        self.skip_ws();
+        let start = self.pos;
+        let layers = if self.s[self.pos..].starts_with("blk.") {
+            self.pos += 4;
+            let mut ranges = vec![self.range("a layer number")?.0];
+            while self.eat(b',') {
+                ranges.push(self.range("a layer number")?.0);
+            }
+            if !self.eat(b'=') {
+                let found = self.describe_here();
+                return self.err(self.here(), format!("expected '=' after the layer list, found {found}"));
+            }
+            Some(ranges)
+        } else {
+            None
+        };
+        let body = self.body()?;
+        Ok(Rule { layers, body, span: start..self.pos })
+    }
+
+    fn body(&mut self) -> Result<Body, MapError> {
+        match self.peek() {
+            Some(c) if c.is_ascii_alphabetic() => {
+                let (w, span) = self.word();
+                let Some(policy) = Policy::from_name(&w) else {
+                    let names: Vec<&str> = Policy::ALL.iter().map(|p| p.name()).collect();
+                    return self.err(span, format!("unknown policy \"{w}\" (policies: {})", names.join(", ")));
+                };
+                let nodes = if self.eat(b'@') {
+                    let mut v = vec![self.int("a node number")?];
+                    while self.peek() == Some(b',') {
+                        self.pos += 1;
+                        v.push(self.int("a node number")?);
+                    }
+                    for (i, (n, s)) in v.iter().enumerate() {
+                        if v[..i].iter().any(|(m, _)| m == n) {
+                            return self.err(s.clone(), format!("node {n} is listed twice"));
+                        }
+                    }
+                    Some(v.into_iter().map(|(n, _)| n).collect())
+                } else {
+                    None
+                };
+                Ok(Body::Policy { policy, nodes, span: span.start..self.pos })
+            }
+            None => {
+                let span = self.here();
+                let what = if self.pos == 0 { "the expert map is empty" } else { "a rule is empty" };
+                self.err(span, format!("{what}: give a policy (e.g. \"rows\") or clauses like \"0-7:0,8-15:1\""))
+            }
+            Some(_) => {
+                let mut clauses = vec![self.clause()?];
+                while self.peek() == Some(b',') {
+                    self.pos += 1;
+                    clauses.push(self.clause()?);
+                }
+                Ok(Body::Clauses(clauses))
+            }
+        }
+    }
+
+    fn clause(&mut self) -> Result<Clause, MapError> {
+        self.skip_ws();
+        let start = self.pos;
+        let experts = if self.eat(b'*') {
+            Experts::Rest
+        } else {
+            let ((lo, hi), _) = self.range("an expert number")?;
+            Experts::Range(lo, hi)
+        };
+        if !self.eat(b':') {
+            let found = self.describe_here();
+            return self.err(self.here(), format!("expected ':' and a node after the experts, found {found}"));
+        }
+        let mut nodes = vec![self.int("a node number")?];
+        while self.eat(b'+') {
+            nodes.push(self.int("a node number")?);
+        }
+        for (i, (n, s)) in nodes.iter().enumerate() {
+            if nodes[..i].iter().any(|(m, _)| m == n) {
+                return self.err(s.clone(), format!("node {n} is listed twice for the same experts"));
+            }
+        }
+        Ok(Clause { experts, nodes: nodes.into_iter().map(|(n, _)| n).collect(), span: start..self.pos })
+    }
+}
+
+impl ExpertMap {
+    /// Parses a map; the error names the first problem and where it is.
+    pub fn parse(text: &str) -> Result<Self, MapError> {
+        let mut p = Parser { s: text, b: text.as_bytes(), pos: 0 };
+        if text.trim().is_empty() {
+            return Err(MapError::new(
+                text,
+                None,
+                "the expert map is empty: give a policy (e.g. \"rows\") or clauses like \"0-7:0,8-15:1\"",
+            ));
+        }
+        let rules = p.map()?;
+        let map = ExpertMap { rules, text: text.to_string() };
+        map.check_rules()?;
+        Ok(map)
+    }
+
+    /// A map holding one policy for every layer.
+    pub fn policy(policy: Policy) -> Self {
+        Self::parse(policy.name()).expect("policy names parse")
+    }
+
+    fn err(&self, span: Option<Span>, msg: impl Into<String>) -> MapError {
+        MapError::new(&self.text, span, msg)
+    }
+
+    fn check_rules(&self) -> Result<(), MapError> {
+        let mut default: Option<&Rule> = None;
+        for (i, r) in self.rules.iter().enumerate() {
+            match &r.layers {
+                None => {
+                    if default.is_some() {
+                        return Err(self.err(
+                            Some(r.span.clone()),
+                            "two rules apply to all layers; give layer selections like \"blk.0-3=\"",
+                        ));
+                    }
+                    default = Some(r);
+                }
+                Some(ranges) => {
+                    for &(lo, hi) in ranges {
+                        for other in &self.rules[..i] {
+                            if let Some(o) = &other.layers {
+                                if let Some(l) = (lo..=hi).find(|l| o.iter().any(|&(a, b)| (a..=b).contains(l))) {
+                                    return Err(self.err(Some(r.span.clone()), format!("layer {l} is selected by two rules")));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if let Body::Clauses(cl) = &r.body {
+                let rest: Vec<&Clause> = cl.iter().filter(|c| c.experts == Experts::Rest).collect();
+                if rest.len() > 1 {
+                    return Err(self.err(Some(rest[1].span.clone()), "more than one '*' clause in a rule"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The canonical text of this map; `parse(render(m))` renders the same.
+    pub fn render(&self) -> String {
+        self.rules
+            .iter()
+            .map(|r| {
+                let layers = r
+                    .layers
+                    .as_ref()
+                    .map(|ls| format!("blk.{}=", ls.iter().map(|&(a, b)| render_range(a, b)).collect::<Vec<_>>().join(",")))
+                    .unwrap_or_default();
+                let body = match &r.body {
+                    Body::Policy { policy, nodes, .. } => match nodes {
+                        Some(n) => format!("{}@{}", policy.name(), join(n, ",")),
+                        None => policy.name().to_string(),
+                    },
+                    Body::Clauses(cl) => cl
+                        .iter()
+                        .map(|c| {
+                            let e = match c.experts {
+                                Experts::Rest => "*".to_string(),
+                                Experts::Range(a, b) => render_range(a, b),
+                            };
+                            format!("{e}:{}", join(&c.nodes, "+"))
+                        })
+                        .collect::<Vec<_>>()
+                        .join(","),
+                };
+                layers + &body
+            })
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    /// Every node the map names, with the span naming it.
+    fn named_nodes(&self) -> Vec<(u32, Span)> {
+        let mut out = Vec::new();
+        for r in &self.rules {
+            match &r.body {
+                Body::Policy { nodes: Some(n), span, .. } => out.extend(n.iter().map(|&n| (n, span.clone()))),
+                Body::Policy { .. } => {}
+                Body::Clauses(cl) => {
+                    for c in cl {
+                        out.extend(c.nodes.iter().map(|&n| (n, c.span.clone())));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks every node the map names against the machine: it exists, the process may
+    /// allocate there, and it has memory.
+    pub fn check_nodes(&self, topo: &Topology) -> Result<(), MapError> {
+        let ids = topo.node_ids();
+        for (n, span) in self.named_nodes() {
+            let Some(node) = topo.node(n) else {
+                return Err(self.err(
+                    Some(span),
+                    format!("node {n} does not exist (nodes on this machine: {})", join(&ids, ", ")),
+                ));
+            };
+            if !node.has_memory() {
+                return Err(self.err(Some(span), format!("node {n} has no memory, so no expert can be placed on it")));
+            }
+            if !node.mem_allowed {
+                return Err(self.err(
+                    Some(span),
+                    format!("node {n} is not allowed for this process (cpuset or numactl --membind)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The rule that governs `layer` (`None` for tensors outside any block).
+    pub fn rule_for(&self, layer: Option<u32>) -> Option<&Rule> {
+        if let Some(l) = layer {
+            if let Some(r) =
+                self.rules.iter().find(|r| r.layers.as_ref().is_some_and(|ls| ls.iter().any(|&(a, b)| (a..=b).contains(&l))))
+            {
+                return Some(r);
+            }
+        }
+        self.rules.iter().find(|r| r.layers.is_none())
+    }
+
+    /// What the map asks for one expert tensor of `n_expert` experts. `tensor` names it in
+    /// errors (an expert beyond the model, mapped twice, or not at all).
+    pub fn resolve(&self, layer: Option<u32>, n_expert: u32, tensor: &str) -> Result<Resolved, MapError> {
+        let Some(rule) = self.rule_for(layer) else { return Ok(Resolved::Off) };
+        match &rule.body {
+            Body::Policy { policy: Policy::Off, .. } => Ok(Resolved::Off),
+            Body::Policy { policy, nodes, .. } => Ok(Resolved::Policy { policy: *policy, nodes: nodes.clone() }),
+            Body::Clauses(clauses) => {
+                let mut holders: Vec<Option<(usize, Vec<u32>)>> = vec![None; n_expert as usize];
+                for (ci, c) in clauses.iter().enumerate() {
+                    let Experts::Range(lo, hi) = c.experts else { continue };
+                    if hi >= n_expert {
+                        return Err(self.err(
+                            Some(c.span.clone()),
+                            format!(
+                                "expert {} is beyond the model: {tensor} has {n_expert} experts (0-{})",
+                                lo.max(n_expert),
+                                n_expert.saturating_sub(1)
+                            ),
+                        ));
+                    }
+                    for e in lo..=hi {
+                        if let Some((prev, _)) = &holders[e as usize] {
+                            let p = &clauses[*prev];
+                            return Err(self.err(
+                                Some(c.span.clone()),
+                                format!(
+                                    "expert {e} is mapped twice, by \"{}\" and by \"{}\"",
+                                    &self.text[p.span.clone()],
+                                    &self.text[c.span.clone()]
+                                ),
+                            ));
+                        }
+                        holders[e as usize] = Some((ci, c.nodes.clone()));
+                    }
+                }
+                let rest = clauses.iter().find(|c| c.experts == Experts::Rest);
+                let missing: Vec<u32> = (0..n_expert).filter(|&e| holders[e as usize].is_none()).collect();
+                if !missing.is_empty() {
+                    match rest {
+                        Some(r) => {
+                            for e in &missing {
+                                holders[*e as usize] = Some((0, r.nodes.clone()));
+                            }
+                        }
+                        None => {
+                            let (noun, verb) = if missing.len() > 1 { ("experts", "are") } else { ("expert", "is") };
+                            return Err(self.err(
+                                Some(rule.span.clone()),
+                                format!(
+                                    "{noun} {} {verb} not mapped ({tensor} has {n_expert} experts); add clauses for them or a default such as \"*:0\"",
+                                    crate::topology::render_cpu_list(&missing),
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Ok(Resolved::Explicit { holders: holders.into_iter().map(|h| h.expect("covered").1).collect() })
+            }
+        }
+    }
+}
+
+fn render_range(a: u32, b: u32) -> String {
+    if a == b {
+        a.to_string()
+    } else {
+        format!("{a}-{b}")
+    }
+}
+
+fn join(v: &[u32], sep: &str) -> String {
+    v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(sep)
+}
+
+/// The layer number of a tensor named like "blk.12.ffn_up_exps.weight".
+pub fn layer_of(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("blk.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> ExpertMap {
+        ExpertMap::parse(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn e(s: &str) -> String {
+        ExpertMap::parse(s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_documented_examples() {
+        for s in ["rows", "rows@0,1", "0-7:0,8-15:1", "3:1,*:0", "0-3:0+1,4-7:1", "blk.0-2=mirror;blk.3-60=rows", "auto", "off",
+                  "interleave@0,1", "round-robin", "block@1", "blk.0,4-5=0-1:0,*:1;rows"] {
+            assert_eq!(p(s).render(), s);
+        }
+    }
+
+    #[test]
+    fn whitespace_is_ignored_and_render_is_canonical() {
+        assert_eq!(p(" 0 - 7 : 0 , 8-15: 1 ").render(), "0-7:0,8-15:1");
+        assert_eq!(p("blk. 0-2 = mirror ; rows").render(), "blk.0-2=mirror;rows");
+        assert_eq!(p("5-5:0+1").render(), "5:0+1");
+    }
+
+    #[test]
+    fn empty_map() {
+        assert!(e("").contains("the expert map is empty"));
+        assert!(e("   ").contains("the expert map is empty"));
+        assert!(e("rows;").contains("a rule is empty"));
+    }
+
+    #[test]
+    fn malformed_ranges_point_at_the_problem() {
+        let m = e("0-7:0,8-:1");
+        assert!(m.contains("expected an expert number, found ':'") && m.contains("character 9"), "{m}");
+        assert!(e("7-3:0").contains("expert number range 7-3 runs backwards"));
+        assert!(e("0-7").contains("expected ':' and a node after the experts, found the end of the map"));
+        assert!(e("0-7:").contains("expected a node number, found the end of the map"));
+        assert!(e("0-7:0 8-15:1").contains("expected ',' or ';', found '8'"));
+        assert!(e("0-7:x").contains("expected a node number, found 'x'"));
+        assert!(e("99999999999:0").contains("too large"));
+    }
+
+    #[test]
+    fn unknown_policy_lists_the_known_ones() {
+        let m = e("rowz");
+        assert!(m.contains("unknown policy \"rowz\"") && m.contains("round-robin"), "{m}");
+    }
+
+    #[test]
+    fn duplicate_nodes_and_layers() {
+        assert!(e("rows@0,0").contains("node 0 is listed twice"));
+        assert!(e("0-3:1+1").contains("node 1 is listed twice"));
+        assert!(e("blk.0-3=rows;blk.3-5=mirror").contains("layer 3 is selected by two rules"));
+        assert!(e("rows;mirror").contains("two rules apply to all layers"));
+        assert!(e("*:0,*:1").contains("more than one '*' clause"));
+    }
+
+    #[test]
+    fn nodes_are_checked_against_the_machine() {
+        let topo = Topology::uniform(2, 2, 1);
+        let err = p("0-7:0,8-15:5").check_nodes(&topo).unwrap_err().to_string();
+        assert!(err.contains("node 5 does not exist (nodes on this machine: 0, 1)"), "{err}");
+        assert!(err.contains("\"8-15:5\""), "{err}");
+        assert!(p("rows@0,3").check_nodes(&topo).unwrap_err().to_string().contains("node 3 does not exist"));
+        assert!(p("rows@0,1").check_nodes(&topo).is_ok());
+
+        let mut nodes = topo.nodes().to_vec();
+        nodes[1].total_bytes = 0;
+        let memless = Topology::from_parts(nodes.clone(), None, crate::topology::Source::Manual).unwrap();
+        assert!(p("0-3:1,*:0").check_nodes(&memless).unwrap_err().to_string().contains("node 1 has no memory"));
+        nodes[1].total_bytes = 1 << 30;
+        nodes[1].mem_allowed = false;
+        let fenced = Topology::from_parts(nodes, None, crate::topology::Source::Manual).unwrap();
+        assert!(p("rows@1").check_nodes(&fenced).unwrap_err().to_string().contains("node 1 is not allowed for this process"));
+    }
+
+    #[test]
+    fn experts_are_checked_against_each_tensor() {
+        let t = "blk.0.ffn_up_exps.weight";
+        let err = p("0-7:0,8-130:1").resolve(Some(0), 128, t).unwrap_err().to_string();
+        assert!(err.contains("expert 128 is beyond the model: blk.0.ffn_up_exps.weight has 128 experts (0-127)"), "{err}");
+        let err = p("0-7:0,5-9:1,*:0").resolve(Some(0), 16, t).unwrap_err().to_string();
+        assert!(err.contains("expert 5 is mapped twice, by \"0-7:0\" and by \"5-9:1\""), "{err}");
+        let err = p("0-7:0").resolve(Some(0), 16, t).unwrap_err().to_string();
+        assert!(err.contains("experts 8-15 are not mapped"), "{err}");
+        let err = p("0-14:0").resolve(Some(0), 16, t).unwrap_err().to_string();
+        assert!(err.contains("expert 15 is not mapped"), "{err}");
+        assert_eq!(
+            p("0-1:0,2:1+0,*:1").resolve(Some(0), 4, t).unwrap(),
+            Resolved::Explicit { holders: vec![vec![0], vec![0], vec![1, 0], vec![1]] }
+        );
+    }
+
+    #[test]
+    fn layer_rules_select_by_block_number() {
+        let m = p("blk.0-2=mirror;blk.5=off;rows");
+        assert_eq!(m.resolve(Some(1), 8, "x").unwrap(), Resolved::Policy { policy: Policy::Mirror, nodes: None });
+        assert_eq!(m.resolve(Some(5), 8, "x").unwrap(), Resolved::Off);
+        assert_eq!(m.resolve(Some(9), 8, "x").unwrap(), Resolved::Policy { policy: Policy::Rows, nodes: None });
+        assert_eq!(p("blk.0-2=rows").resolve(Some(3), 8, "x").unwrap(), Resolved::Off);
+        assert_eq!(layer_of("blk.12.ffn_up_exps.weight"), Some(12));
+        assert_eq!(layer_of("token_embd.weight"), None);
+    }
+}

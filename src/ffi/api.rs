@@ -1,0 +1,215 @@
+//! Exported functions that need no ggml: version, errors, the map, the topology, and where
+//! pages of memory are.
+
+use std::ffi::c_char;
+
+use super::{arg_out, arg_str, boundary, copy_out, Fail, NumaMoeResult};
+use crate::config::{runtime, OnError};
+use crate::expert_map::ExpertMap;
+
+/// Most nodes a NumaMoePageReport or NumaMoeNodeInfo can describe.
+pub const NUMA_MOE_MAX_NODES: usize = 64;
+
+/// One NUMA node as numa-moe sees it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NumaMoeNodeInfo {
+    /// OS node number (as numactl and mbind name it).
+    pub id: u32,
+    /// CPUs of the node this process may use.
+    pub n_cpus: u32,
+    /// Physical cores among them.
+    pub n_cores: u32,
+    /// False for a memory-less node.
+    pub has_memory: bool,
+    /// False when cpusets or numactl forbid allocating here.
+    pub mem_allowed: bool,
+    /// Memory on the node, bytes.
+    pub total_bytes: u64,
+    /// Free or reclaimable memory, bytes; 0 when unknown (synthetic topologies).
+    pub free_bytes: u64,
+}
+
+/// Where some memory's pages are.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct NumaMoePageReport {
+    /// Resident pages on each node (index = node number).
+    pub per_node: [u64; NUMA_MOE_MAX_NODES],
+    /// Resident pages in all.
+    pub resident: u64,
+    /// Pages not allocated yet (never written).
+    pub absent: u64,
+    /// Resident pages on another node than the plan says.
+    pub misplaced: u64,
+}
+
+impl Default for NumaMoePageReport {
+    fn default() -> Self {
+        NumaMoePageReport { per_node: [0; NUMA_MOE_MAX_NODES], resident: 0, absent: 0, misplaced: 0 }
+    }
+}
+
+impl From<&crate::memory::PageReport> for NumaMoePageReport {
+    fn from(r: &crate::memory::PageReport) -> Self {
+        let mut out = NumaMoePageReport { resident: r.resident(), absent: r.absent, misplaced: r.misplaced, ..Default::default() };
+        for (&n, &c) in &r.per_node {
+            if (n as usize) < NUMA_MOE_MAX_NODES {
+                out.per_node[n as usize] = c;
+            }
+        }
+        out
+    }
+}
+
+pub(crate) fn rt() -> Result<&'static crate::config::Runtime, Fail> {
+    runtime().map_err(|e| Fail::new(NumaMoeResult::TopologyUnavailable, e))
+}
+
+/// The library version ("0.1.0"). A static string: do not free it.
+#[no_mangle]
+pub extern "C" fn numa_moe_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// Copies the message behind the last failed call on this thread into `buf` (at most
+/// `len` bytes including the NUL; `buf` may be NULL to ask the length) and returns the
+/// message's full length. An empty message means no call has failed on this thread.
+///
+/// # Safety
+/// `buf` must be NULL or writable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_last_error(buf: *mut c_char, len: usize) -> usize {
+    super::boundary_value("numa_moe_last_error", 0, || {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { copy_out(&super::last_error(), buf, len) }
+    })
+}
+
+/// Checks a `--numa-expert-map` value: its syntax, and that every node it names exists on
+/// this machine, has memory and is allowed. With `n_expert` > 0 it also checks the experts
+/// against a tensor of that many experts (beyond the model, mapped twice, not mapped).
+///
+/// # Safety
+/// `map` must be NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_map_check(map: *const c_char, n_expert: u32) -> NumaMoeResult {
+    boundary("numa_moe_map_check", || {
+        // SAFETY: forwarded from this function's contract.
+        let text = unsafe { arg_str(map, "map") }?;
+        let m = ExpertMap::parse(text).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
+        m.check_nodes(&rt()?.topology).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
+        if n_expert > 0 {
+            for r in &m.rules {
+                let layer = r.layers.as_ref().map(|l| l[0].0);
+                m.resolve(layer, n_expert, "the model").map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Writes the canonical form of `map` into `buf` (see numa_moe_last_error for the buffer
+/// convention) and its full length into `*out_len`.
+///
+/// # Safety
+/// `map` must be a NUL-terminated string, `buf` NULL or writable for `len` bytes, and
+/// `out_len` valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_map_render(map: *const c_char, buf: *mut c_char, len: usize, out_len: *mut usize) -> NumaMoeResult {
+    boundary("numa_moe_map_render", || {
+        // SAFETY: forwarded from this function's contract.
+        let (text, out) = unsafe { (arg_str(map, "map")?, arg_out(out_len, "out_len")?) };
+        let m = ExpertMap::parse(text).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
+        let s = m.render();
+        // SAFETY: forwarded from this function's contract.
+        *out = unsafe { copy_out(&s, buf, len) };
+        if buf.is_null() || len <= s.len() {
+            return Err(Fail::new(NumaMoeResult::BufferTooSmall, format!("the rendered map needs {} bytes", s.len() + 1)));
+        }
+        Ok(())
+    })
+}
+
+/// Sets the expert map every numa-moe buffer allocated from now on uses (what llama.cpp's
+/// `--numa-expert-map` calls). The map is checked against this machine first; on error
+/// nothing changes and the message names the problem.
+///
+/// # Safety
+/// `map` must be NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_config_set_map(map: *const c_char) -> NumaMoeResult {
+    boundary("numa_moe_config_set_map", || {
+        // SAFETY: forwarded from this function's contract.
+        let text = unsafe { arg_str(map, "map") }?;
+        rt()?.set_map(text, "--numa-expert-map").map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))
+    })
+}
+
+/// `strict` true: a tensor whose memory cannot be bound as planned stops the load with a
+/// message; false (the default): warn once and continue with default placement.
+#[no_mangle]
+pub extern "C" fn numa_moe_config_set_strict(strict: bool) -> NumaMoeResult {
+    boundary("numa_moe_config_set_strict", || {
+        rt()?.set_on_error(if strict { OnError::Strict } else { OnError::Fallback });
+        Ok(())
+    })
+}
+
+/// Number of NUMA nodes (NUMA_MOE_TOPOLOGY may replace the host by a described machine).
+///
+/// # Safety
+/// `out` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_topology_node_count(out: *mut usize) -> NumaMoeResult {
+    boundary("numa_moe_topology_node_count", || {
+        // SAFETY: forwarded from this function's contract.
+        *unsafe { arg_out(out, "out") }? = rt()?.topology.nodes().len();
+        Ok(())
+    })
+}
+
+/// Describes node number `index` (0-based position, not OS id) into `*out`.
+///
+/// # Safety
+/// `out` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_topology_node_info(index: usize, out: *mut NumaMoeNodeInfo) -> NumaMoeResult {
+    boundary("numa_moe_topology_node_info", || {
+        // SAFETY: forwarded from this function's contract.
+        let out = unsafe { arg_out(out, "out") }?;
+        let topo = &rt()?.topology;
+        let n = topo.nodes().get(index).ok_or_else(|| {
+            Fail::new(NumaMoeResult::InvalidArgument, format!("node index {index} is out of range (the machine has {} nodes)", topo.nodes().len()))
+        })?;
+        *out = NumaMoeNodeInfo {
+            id: n.id,
+            n_cpus: n.cpus.len() as u32,
+            n_cores: n.cores() as u32,
+            has_memory: n.has_memory(),
+            mem_allowed: n.mem_allowed,
+            total_bytes: n.total_bytes,
+            free_bytes: n.free_bytes.unwrap_or(0),
+        };
+        Ok(())
+    })
+}
+
+/// Counts where the pages of `addr .. addr+len` are (any memory of this process).
+///
+/// # Safety
+/// `out` must be valid for writes; `addr..addr+len` must be mapped in this process.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_memory_pages_per_node(addr: *const u8, len: usize, out: *mut NumaMoePageReport) -> NumaMoeResult {
+    boundary("numa_moe_memory_pages_per_node", || {
+        // SAFETY: forwarded from this function's contract.
+        let out = unsafe { arg_out(out, "out") }?;
+        if addr.is_null() {
+            return Err(Fail::new(NumaMoeResult::NullArgument, "addr is NULL"));
+        }
+        let r = crate::memory::page_report(addr as usize, len, |_| None)
+            .map_err(|e| Fail::new(NumaMoeResult::SystemError, format!("cannot read page locations: {e}")))?;
+        *out = (&r).into();
+        Ok(())
+    })
+}

@@ -1,0 +1,410 @@
+//! The ggml side of the C ABI: the buffer type's callbacks and the entry points the ggml-cpu
+//! adapter (ggml-integration/numa-moe-ggml.cpp) forwards to.
+//!
+//! Callbacks receive ggml pointers and turn them into [`TensorRef`] views at once; the logic
+//! lives in [`crate::buffer`] and [`crate::compute`]. ggml callbacks have no error channel,
+//! so failures are logged through ggml's log and reported by ggml's own status codes.
+
+use std::ffi::{c_char, c_void};
+use std::sync::OnceLock;
+
+use super::api::{rt, NumaMoePageReport};
+use super::{arg_out, boundary, boundary_value, Fail, NumaMoeResult};
+use crate::buffer::{plan_for, NumaBuffer, PlacedTensor, TensorInfo};
+use crate::config::Runtime;
+use crate::ggml::{self, raw, Api, MmidOp, NumaMoeComputeParams, NumaMoeGgmlApi, TensorRef};
+use crate::placement::Compute;
+
+const BUFT_NAME: &[u8] = b"NUMA_MOE\0";
+
+/// Our buffer type object: ggml keeps a pointer to it for the life of the process.
+struct Buft(*mut raw::ggml_backend_buffer_type);
+// SAFETY: the object is created once, never mutated, and ggml reads it from any thread.
+unsafe impl Send for Buft {}
+// SAFETY: as above.
+unsafe impl Sync for Buft {}
+
+static BUFT: OnceLock<Buft> = OnceLock::new();
+
+fn our_buft() -> *mut raw::ggml_backend_buffer_type {
+    BUFT.get().map_or(std::ptr::null_mut(), |b| b.0)
+}
+
+/// Attaches numa-moe to ggml: stores ggml's function table and returns our buffer type
+/// (a ggml_backend_buffer_type_t) for ggml-cpu to list first among its extra buffer types.
+/// Returns NULL, after logging why, when the table does not match this library.
+///
+/// # Safety
+/// `api` must be NULL or point to a table whose pointers stay valid for the process.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_ggml_attach(api: *const NumaMoeGgmlApi) -> *mut c_void {
+    boundary_value("numa_moe_ggml_attach", std::ptr::null_mut(), || {
+        // SAFETY: forwarded from this function's contract.
+        let Some(table) = (unsafe { api.as_ref() }) else { return std::ptr::null_mut() };
+        let api = match ggml::attach(table) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("numa-moe: not attached: {e}");
+                return std::ptr::null_mut();
+            }
+        };
+        let buft = BUFT.get_or_init(|| {
+            let b = Box::new(raw::ggml_backend_buffer_type {
+                iface: raw::ggml_backend_buffer_type_i {
+                    get_name: Some(buft_get_name),
+                    alloc_buffer: Some(buft_alloc_buffer),
+                    get_alignment: Some(buft_get_alignment),
+                    get_max_size: None,
+                    get_alloc_size: None,
+                    is_host: Some(buft_is_host),
+                },
+                device: api.cpu_device().cast(),
+                context: api.extra_context(),
+            });
+            Buft(Box::into_raw(b))
+        });
+        announce(api);
+        buft.0.cast()
+    })
+}
+
+/// Says once, at attach, what numa-moe will do on this machine.
+fn announce(_api: &Api) {
+    match crate::config::runtime() {
+        Ok(rt) => {
+            let s = rt.settings();
+            let nodes = rt.topology.compute_nodes().len();
+            let what = if let Some(e) = rt.pending_error() {
+                format!("configuration error, model loads will stop: {e}")
+            } else if rt.placement_active() {
+                format!("expert map \"{}\" ({})", s.map.render(), s.map_origin)
+            } else if nodes <= 1 {
+                "one NUMA node: experts stay on llama.cpp's own path (give --numa-expert-map to place them anyway)".into()
+            } else {
+                "expert map \"off\": experts stay on llama.cpp's own path".into()
+            };
+            crate::log::info(&format!(
+                "numa-moe {}: {} NUMA node(s), {} with memory and CPUs; {what}",
+                env!("CARGO_PKG_VERSION"),
+                rt.topology.nodes().len(),
+                nodes
+            ));
+        }
+        Err(e) => crate::log::error(&format!("numa-moe: cannot read the machine's topology, placement disabled: {e}")),
+    }
+}
+
+/// numa-moe's ggml buffer type, or NULL before ggml-cpu attached it (or without the adapter).
+#[no_mangle]
+pub extern "C" fn numa_moe_buffer_type() -> *mut c_void {
+    our_buft().cast()
+}
+
+unsafe extern "C" fn buft_get_name(_: *mut raw::ggml_backend_buffer_type) -> *const c_char {
+    BUFT_NAME.as_ptr().cast()
+}
+
+unsafe extern "C" fn buft_get_alignment(_: *mut raw::ggml_backend_buffer_type) -> usize {
+    // Page alignment: every tensor starts on its own page, so binding one tensor never
+    // moves a page another tensor shares.
+    crate::sys::page_size()
+}
+
+unsafe extern "C" fn buft_is_host(_: *mut raw::ggml_backend_buffer_type) -> bool {
+    true
+}
+
+unsafe extern "C" fn buft_alloc_buffer(buft: *mut raw::ggml_backend_buffer_type, size: usize) -> *mut raw::ggml_backend_buffer {
+    boundary_value("alloc_buffer", std::ptr::null_mut(), || {
+        let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return std::ptr::null_mut() };
+        if let Some(e) = rt.take_pending_error() {
+            crate::log::error(&format!("numa-moe: {e}"));
+            return std::ptr::null_mut();
+        }
+        let buf = match NumaBuffer::new(rt, size) {
+            Ok(b) => b,
+            Err(e) => {
+                crate::log::error(&format!("numa-moe: {e}"));
+                return std::ptr::null_mut();
+            }
+        };
+        let iface = raw::ggml_backend_buffer_i {
+            free_buffer: Some(buf_free),
+            get_base: Some(buf_get_base),
+            init_tensor: Some(buf_init_tensor),
+            memset_tensor: Some(buf_memset_tensor),
+            set_tensor: Some(buf_set_tensor),
+            get_tensor: Some(buf_get_tensor),
+            set_tensor_2d: None,
+            get_tensor_2d: None,
+            cpy_tensor: Some(buf_cpy_tensor),
+            clear: Some(buf_clear),
+            reset: None,
+        };
+        let ctx = Box::into_raw(Box::new(buf));
+        let b = api.buffer_init(buft, &iface, ctx.cast(), size);
+        if b.is_null() {
+            // SAFETY: ctx came from Box::into_raw above and ggml did not take it.
+            drop(unsafe { Box::from_raw(ctx) });
+        }
+        b
+    })
+}
+
+/// Our buffer behind a ggml buffer of our type.
+///
+/// # Safety
+/// `b` must be a live buffer created by buft_alloc_buffer.
+unsafe fn numa_buffer<'a>(b: *mut raw::ggml_backend_buffer) -> &'a NumaBuffer {
+    // SAFETY: per the contract, context is the Box<NumaBuffer> made in buft_alloc_buffer.
+    unsafe { &*((*b).context as *const NumaBuffer) }
+}
+
+/// The numa-moe buffer holding `t`, if `t` lives in one.
+fn buffer_of<'a>(t: TensorRef) -> Option<&'a NumaBuffer> {
+    if t.buffer().is_null() || t.buffer_type() != our_buft() || t.buffer_context().is_null() {
+        return None;
+    }
+    // SAFETY: a tensor in a buffer of our type lives in a live NumaBuffer (ggml frees tensors'
+    // buffers only after the graphs using them).
+    Some(unsafe { numa_buffer(t.buffer()) })
+}
+
+fn offset_in(buf: &NumaBuffer, t: TensorRef) -> usize {
+    t.data_addr() - buf.base() as usize
+}
+
+unsafe extern "C" fn buf_free(b: *mut raw::ggml_backend_buffer) {
+    boundary_value("free_buffer", (), || {
+        // SAFETY: ggml calls free_buffer once; context is our Box.
+        let nb = unsafe { Box::from_raw((*b).context as *mut NumaBuffer) };
+        if let Ok(rt) = crate::config::runtime() {
+            nb.release(rt);
+        }
+        drop(nb);
+    })
+}
+
+unsafe extern "C" fn buf_get_base(b: *mut raw::ggml_backend_buffer) -> *mut c_void {
+    // SAFETY: ggml passes one of our live buffers.
+    unsafe { numa_buffer(b) }.base().cast()
+}
+
+fn tensor_info(api: &Api, t: TensorRef) -> TensorInfo {
+    TensorInfo { name: t.name(), type_name: api.type_name(t.ty()), ne: t.ne(), nb: t.nb(), packed: t.is_expert_stack_layout(api) }
+}
+
+unsafe extern "C" fn buf_init_tensor(b: *mut raw::ggml_backend_buffer, tensor: *mut raw::ggml_tensor) -> raw::ggml_status {
+    boundary_value("init_tensor", raw::GGML_STATUS_FAILED, || {
+        // SAFETY: ggml passes a live tensor allocated in buffer b.
+        let Some(t) = (unsafe { TensorRef::new(tensor) }) else { return raw::GGML_STATUS_FAILED };
+        if t.view_src().is_some() {
+            return raw::GGML_STATUS_SUCCESS;
+        }
+        let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return raw::GGML_STATUS_SUCCESS };
+        // SAFETY: b is one of our live buffers.
+        let buf = unsafe { numa_buffer(b) };
+        match buf.init_tensor(rt, &tensor_info(api, t), offset_in(buf, t)) {
+            Ok(()) => raw::GGML_STATUS_SUCCESS,
+            Err(e) => {
+                crate::log::error(&format!("numa-moe: {e}"));
+                super::set_last_error(e);
+                raw::GGML_STATUS_FAILED
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn buf_memset_tensor(b: *mut raw::ggml_backend_buffer, tensor: *mut raw::ggml_tensor, value: u8, offset: usize, size: usize) {
+    boundary_value("memset_tensor", (), || {
+        // SAFETY: ggml passes a live tensor in our live buffer.
+        let (buf, t) = unsafe { (numa_buffer(b), TensorRef::new(tensor).expect("tensor")) };
+        buf.fill(offset_in(buf, t) + offset, size, value);
+    })
+}
+
+unsafe extern "C" fn buf_set_tensor(b: *mut raw::ggml_backend_buffer, tensor: *mut raw::ggml_tensor, data: *const c_void, offset: usize, size: usize) {
+    boundary_value("set_tensor", (), || {
+        // SAFETY: ggml passes a live tensor in our live buffer and `size` readable bytes.
+        unsafe {
+            let (buf, t) = (numa_buffer(b), TensorRef::new(tensor).expect("tensor"));
+            let rt = crate::config::runtime().expect("attached buffers have a runtime");
+            buf.write(rt, offset_in(buf, t) + offset, data.cast(), size);
+        }
+    })
+}
+
+unsafe extern "C" fn buf_get_tensor(b: *mut raw::ggml_backend_buffer, tensor: *const raw::ggml_tensor, data: *mut c_void, offset: usize, size: usize) {
+    boundary_value("get_tensor", (), || {
+        // SAFETY: ggml passes a live tensor in our live buffer and `size` writable bytes.
+        unsafe {
+            let (buf, t) = (numa_buffer(b), TensorRef::new(tensor).expect("tensor"));
+            buf.read(offset_in(buf, t) + offset, data.cast(), size);
+        }
+    })
+}
+
+unsafe extern "C" fn buf_cpy_tensor(b: *mut raw::ggml_backend_buffer, src: *const raw::ggml_tensor, dst: *mut raw::ggml_tensor) -> bool {
+    boundary_value("cpy_tensor", false, || {
+        let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return false };
+        // SAFETY: ggml passes live tensors; dst is in our live buffer.
+        let (buf, s, d) = unsafe { (numa_buffer(b), TensorRef::new(src).expect("src"), TensorRef::new(dst).expect("dst")) };
+        if !is_host_buffer(s) {
+            return false;
+        }
+        // SAFETY: a host tensor's data is readable for its nbytes and is not in our region
+        // (ggml copies between distinct tensors).
+        unsafe { buf.write(rt, offset_in(buf, d), s.data_ptr(), s.nbytes(api)) };
+        true
+    })
+}
+
+fn is_host_buffer(t: TensorRef) -> bool {
+    let buft = t.buffer_type();
+    if buft.is_null() {
+        return false;
+    }
+    // SAFETY: a live buffer's type is a live ggml_backend_buffer_type.
+    unsafe { (*buft).iface.is_host.is_some_and(|f| f(buft)) }
+}
+
+unsafe extern "C" fn buf_clear(b: *mut raw::ggml_backend_buffer, value: u8) {
+    boundary_value("clear", (), || {
+        // SAFETY: ggml passes one of our live buffers.
+        let buf = unsafe { numa_buffer(b) };
+        buf.fill(0, buf.size(), value);
+    })
+}
+
+/// The planned tensor of an op's weights, with its buffer, if they are numa-moe's.
+fn placed_weights(op: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>)> {
+    let src0 = op.src(0)?;
+    let buf: &'static NumaBuffer = buffer_of(src0)?;
+    let p = buf.placed_at(offset_in(buf, src0))?;
+    Some((buf, p))
+}
+
+/// Whether ggml-cpu can run `op` with a source in our buffer, and, while llama.cpp's loader
+/// probes where to put an expert tensor (no data yet), whether we take that tensor.
+///
+/// # Safety
+/// `op` must point to a live ggml tensor (graph node or loader probe).
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_ggml_supports_op(op: *const c_void) -> bool {
+    boundary_value("numa_moe_ggml_supports_op", false, || {
+        // SAFETY: forwarded from this function's contract.
+        let Some(op) = (unsafe { TensorRef::new(op.cast()) }) else { return false };
+        let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return false };
+        supports_op(api, rt, op)
+    })
+}
+
+fn supports_op(api: &'static Api, rt: &Runtime, op: TensorRef) -> bool {
+    let Some(src0) = op.src(0) else { return false };
+    // llama.cpp's loader asks whether a weight may live in our buffer by building a dummy
+    // op over it in an empty buffer of our type: no data yet. We take expert stacks only.
+    let probing = (0..4).filter_map(|i| op.src(i)).any(|s| s.buffer_type() == our_buft() && s.data_addr() == 0);
+    if !probing {
+        // A graph node reading weights already in our buffer: ggml-cpu computes it (our hook,
+        // or its stock kernel on the standard layout). MUL_MAT has stock's one restriction.
+        if op.op() == raw::GGML_OP_MUL_MAT {
+            let (Some(src1), Some(t)) = (op.src(1), api.cpu_traits(src0.ty())) else { return false };
+            return src1.ty() == raw::GGML_TYPE_F32 || src1.ty() == t.vec_dot_type;
+        }
+        return true;
+    }
+    if op.op() != raw::GGML_OP_MUL_MAT_ID || src0.buffer_type() != our_buft() {
+        return false;
+    }
+    // The loader's probe: take the tensor if the map places it.
+    let info = tensor_info(api, src0);
+    let Some(t) = info.expert_tensor() else { return false };
+    if rt.pending_error().is_some() {
+        return true; // take it so the allocation fails with the message
+    }
+    if api.cpu_traits(src0.ty()).and_then(|c| c.vec_dot).is_none() {
+        return false;
+    }
+    match plan_for(rt, &info) {
+        Ok(None) => false,
+        Ok(Some(_)) if rt.topology.compute_nodes().len() <= 1 && api.stock_repacks(op) => {
+            crate::log::warn_once(
+                rt,
+                &format!("repack-{}", t.type_name),
+                &format!(
+                    "numa-moe: one NUMA node: {} expert tensors stay with ggml's CPU_REPACK kernels, which are faster here than placement",
+                    t.type_name
+                ),
+            );
+            false
+        }
+        Ok(Some(_)) => true,
+        Err(e) => {
+            crate::log::error(&format!("numa-moe: {e}"));
+            rt.set_pending_error(e);
+            true
+        }
+    }
+}
+
+/// The work buffer the op needs when numa-moe computes it; false: ggml sizes it.
+///
+/// # Safety
+/// `op` must be a live MUL_MAT_ID node; `size` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_ggml_work_size(n_threads: i32, op: *const c_void, size: *mut usize) -> bool {
+    boundary_value("numa_moe_ggml_work_size", false, || {
+        // SAFETY: forwarded from this function's contract.
+        let (Some(op), Some(size)) = (unsafe { TensorRef::new(op.cast()) }, unsafe { size.as_mut() }) else { return false };
+        let Some(api) = ggml::api() else { return false };
+        let Some((_, placed)) = placed_weights(op) else { return false };
+        if placed.plan.compute == Compute::Stock {
+            return false;
+        }
+        let Some(mm) = MmidOp::new(api, op) else { return false };
+        *size = crate::compute::work_size(&mm, n_threads.max(1) as usize);
+        true
+    })
+}
+
+/// Computes a MUL_MAT_ID whose weights numa-moe placed, on this ggml worker thread. Returns
+/// false on every thread alike when it declines; ggml-cpu then runs its stock kernel.
+///
+/// # Safety
+/// `params` and `op` must be what ggml-cpu passes to an extra buffer type's compute_forward.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_ggml_compute_forward(params: *const NumaMoeComputeParams, op: *mut c_void) -> bool {
+    boundary_value("numa_moe_ggml_compute_forward", false, || {
+        // SAFETY: forwarded from this function's contract.
+        let (Some(params), Some(op)) = (unsafe { params.as_ref() }, unsafe { TensorRef::new(op.cast()) }) else { return false };
+        let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return false };
+        let Some((buf, placed)) = placed_weights(op) else { return false };
+        if placed.plan.compute == Compute::Stock {
+            return false;
+        }
+        let Some(mm) = MmidOp::new(api, op) else { return false };
+        crate::compute::compute(rt, api, &mm, buf, &placed, params)
+    })
+}
+
+/// Where the pages of a placed expert tensor are, against its plan (all copies).
+///
+/// # Safety
+/// `tensor` must be a live ggml tensor; `out` valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_tensor_verify(tensor: *const c_void, out: *mut NumaMoePageReport) -> NumaMoeResult {
+    boundary("numa_moe_tensor_verify", || {
+        // SAFETY: forwarded from this function's contract.
+        let out = unsafe { arg_out(out, "out") }?;
+        // SAFETY: forwarded from this function's contract.
+        let t = unsafe { TensorRef::new(tensor.cast()) }.ok_or_else(|| Fail::new(NumaMoeResult::NullArgument, "tensor is NULL"))?;
+        let _ = rt()?;
+        let buf = buffer_of(t).ok_or_else(|| Fail::new(NumaMoeResult::NotPlaced, format!("{} is not in a numa-moe buffer", t.name())))?;
+        let p = buf
+            .placed_at(offset_in(buf, t))
+            .ok_or_else(|| Fail::new(NumaMoeResult::NotPlaced, format!("{} is not a placed expert tensor", t.name())))?;
+        let r = buf.verify_tensor(&p).map_err(|e| Fail::new(NumaMoeResult::SystemError, format!("cannot read page locations: {e}")))?;
+        *out = (&r).into();
+        Ok(())
+    })
+}

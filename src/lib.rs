@@ -1,0 +1,28 @@
+//! numa-moe: NUMA placement of Mixture-of-Experts weights for llama.cpp/ggml.
+//!
+//! Layers, each knowing only those below it:
+//! - [`sys`]: raw syscalls (mbind, get_mempolicy, move_pages, affinity, getcpu)
+//! - [`topology`]: what the machine is (hwlocality + sysfs)
+//! - [`expert_map`]: the `--numa-expert-map` language
+//! - [`placement`]: pure planning of bytes, compute pieces and workers
+//! - [`memory`]: NUMA-placed allocations and verification of where pages are
+//! - [`config`]: what the user asked for, process-wide
+//! - [`ggml`]: bindgen views of the pinned ggml structs; the only file that dereferences them
+//! - [`buffer`], [`compute`]: the ggml buffer type's memory and the routed mul_mat_id
+//! - [`gguf`]: the tensor table of a model file, for `numa-moe plan`
+//! - [`ffi`]: the C ABI
+
+pub mod buffer;
+pub mod compute;
+pub mod config;
+pub mod expert_map;
+pub mod ffi;
+pub mod ggml;
+pub mod json;
+pub mod log;
+pub mod memory;
+pub mod placement;
+pub mod sys;
+pub mod topology;
+
+pub use ffi::NumaMoeResult;

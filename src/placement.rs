@@ -1,0 +1,646 @@
+//! Pure planning: which bytes of every stacked expert tensor live on which node, which node
+//! computes which (expert, row range), and how worker threads are laid out on nodes.
+//!
+//! No syscalls and no unsafe: the input is a [`Topology`], an [`ExpertMap`] and the shape of
+//! each expert tensor; the output is a [`TensorPlan`] the memory layer binds and the compute
+//! hook follows. Invariants the tests check for every policy:
+//! - the primary copy places every byte of the tensor exactly once (replicas add copies);
+//! - every (expert, row) is computed exactly once, from a copy that holds it on that node;
+//! - under `rows`, nodes of equal weight get row counts that differ by at most one unit.
+
+use std::fmt;
+use std::ops::Range;
+
+use crate::expert_map::{ExpertMap, MapError, Policy, Resolved};
+use crate::topology::{format_gib, Topology};
+
+/// One stacked expert tensor, as the planner needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpertTensor {
+    /// GGUF name, e.g. "blk.3.ffn_up_exps.weight".
+    pub name: String,
+    /// The block number parsed from the name, if any.
+    pub layer: Option<u32>,
+    /// ggml type name for reports ("q4_K").
+    pub type_name: String,
+    /// ne[2]
+    pub n_expert: u32,
+    /// ne[1]: rows of one expert's matrix (outputs of the matmul).
+    pub rows: u64,
+    /// nb[1]: bytes of one row.
+    pub row_bytes: u64,
+}
+
+impl ExpertTensor {
+    pub fn expert_bytes(&self) -> u64 {
+        self.rows * self.row_bytes
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.expert_bytes() * self.n_expert as u64
+    }
+}
+
+/// Where an extent's pages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Binding {
+    /// All pages on this node.
+    Node(u32),
+    /// Pages spread round-robin over these nodes by the kernel.
+    Interleave(Vec<u32>),
+}
+
+/// A byte range of one copy of a tensor (offsets from the tensor's first byte).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub binding: Binding,
+}
+
+impl Extent {
+    pub fn range(&self) -> Range<u64> {
+        self.offset..self.offset + self.len
+    }
+}
+
+/// One copy of a tensor's bytes. Copy 0 is the primary: the ggml tensor's own memory, in
+/// ggml's standard layout, covering every byte. Replicas hold the experts that a map places
+/// on several nodes (every expert, under `mirror`), at the same offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyPlan {
+    /// The node a replica serves; `None` for the primary.
+    pub node: Option<u32>,
+    pub extents: Vec<Extent>,
+}
+
+/// Rows of one expert computed by the threads of one node, reading one copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub expert: u32,
+    pub rows: Range<u64>,
+    pub node: u32,
+    pub copy: usize,
+}
+
+/// How the expert matmuls of a tensor are computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compute {
+    /// Node-local pieces (see [`Piece`]).
+    Pieces(Vec<Piece>),
+    /// ggml-cpu's own kernel on the primary copy (`interleave`).
+    Stock,
+}
+
+/// Which policy produced a plan, for reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanKind {
+    Policy(Policy),
+    Explicit,
+}
+
+impl fmt::Display for PlanKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlanKind::Policy(p) => f.write_str(p.name()),
+            PlanKind::Explicit => f.write_str("explicit map"),
+        }
+    }
+}
+
+/// The plan for one expert tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorPlan {
+    pub tensor: ExpertTensor,
+    pub kind: PlanKind,
+    pub copies: Vec<CopyPlan>,
+    pub compute: Compute,
+}
+
+impl TensorPlan {
+    /// Bytes this plan places on each node, over all copies; interleaved extents are
+    /// counted evenly over their nodes.
+    pub fn bytes_per_node(&self) -> Vec<(u32, u64)> {
+        let mut acc: std::collections::BTreeMap<u32, u64> = Default::default();
+        for c in &self.copies {
+            for e in &c.extents {
+                match &e.binding {
+                    Binding::Node(n) => *acc.entry(*n).or_default() += e.len,
+                    Binding::Interleave(ns) => {
+                        for n in ns {
+                            *acc.entry(*n).or_default() += e.len / ns.len() as u64;
+                        }
+                    }
+                }
+            }
+        }
+        acc.into_iter().collect()
+    }
+
+    pub fn pieces(&self) -> &[Piece] {
+        match &self.compute {
+            Compute::Pieces(p) => p,
+            Compute::Stock => &[],
+        }
+    }
+
+    /// The node that should hold byte `offset` of copy `copy`, if the copy holds it.
+    pub fn node_of_byte(&self, copy: usize, offset: u64) -> Option<&Binding> {
+        self.copies.get(copy)?.extents.iter().find(|e| e.range().contains(&offset)).map(|e| &e.binding)
+    }
+
+    /// The rows of every expert that `node` computes, as a short description
+    /// ("rows 0-383 of every expert", "experts 0-63", ...), for reports.
+    pub fn describe_share(&self, node: u32) -> String {
+        let pieces: Vec<&Piece> = self.pieces().iter().filter(|p| p.node == node).collect();
+        if let Compute::Stock = self.compute {
+            return "interleaved pages".into();
+        }
+        if pieces.is_empty() {
+            return "nothing".into();
+        }
+        let n = self.tensor.n_expert as usize;
+        let rows = self.tensor.rows;
+        let first = &pieces[0].rows;
+        if pieces.len() == n && pieces.iter().all(|p| p.rows == *first) && first.clone() != (0..rows) {
+            return format!("rows {}-{} of every expert", first.start, first.end - 1);
+        }
+        let experts: Vec<u32> = pieces.iter().map(|p| p.expert).collect();
+        let whole = pieces.iter().all(|p| p.rows == (0..rows));
+        let list = crate::topology::render_cpu_list(&experts);
+        if whole {
+            format!("experts {list}")
+        } else {
+            format!("parts of experts {list}")
+        }
+    }
+}
+
+/// Options a user can set around a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Page size of the memory the plan will be bound to; row splits are aligned to it
+    /// where whole rows allow.
+    pub page_size: u64,
+    /// Split rows by node cores (true) or evenly (false).
+    pub by_cores: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { page_size: 4096, by_cores: true }
+    }
+}
+
+/// Why a plan cannot be made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanError {
+    Map(MapError),
+    /// A node would receive more than it has free.
+    OverFull { node: u32, need: u64, free: u64 },
+    /// No node can hold experts (none has both memory and CPUs).
+    NoNodes,
+    /// The tensor's layout is not one numa-moe can place.
+    Unsupported(String),
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PlanError::Map(e) => e.fmt(f),
+            PlanError::OverFull { node, need, free } => write!(
+                f,
+                "node {node} is over-full: the plan places {} there but it has {} free ({} short)",
+                format_gib(*need),
+                format_gib(*free),
+                format_gib(need - free)
+            ),
+            PlanError::NoNodes => f.write_str("no NUMA node has both memory and usable CPUs"),
+            PlanError::Unsupported(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+impl From<MapError> for PlanError {
+    fn from(e: MapError) -> Self {
+        PlanError::Map(e)
+    }
+}
+
+/// Plans one tensor, or returns `None` when the map leaves it to llama.cpp.
+pub fn plan_tensor(
+    topo: &Topology,
+    map: &ExpertMap,
+    tensor: &ExpertTensor,
+    opts: &PlanOptions,
+) -> Result<Option<TensorPlan>, PlanError> {
+    if tensor.n_expert == 0 || tensor.rows == 0 || tensor.row_bytes == 0 {
+        return Err(PlanError::Unsupported(format!("{} has an empty expert dimension", tensor.name)));
+    }
+    let planner = Planner { topo, tensor, opts };
+    match map.resolve(tensor.layer, tensor.n_expert, &tensor.name)? {
+        Resolved::Off => Ok(None),
+        Resolved::Policy { policy, nodes } => {
+            let nodes = match nodes {
+                Some(n) => n,
+                None => topo.compute_nodes(),
+            };
+            if nodes.is_empty() {
+                return Err(PlanError::NoNodes);
+            }
+            let policy = match policy {
+                Policy::Auto if topo.compute_nodes().len() > 1 => Policy::Rows,
+                Policy::Auto => return Ok(None),
+                p => p,
+            };
+            let kind = PlanKind::Policy(policy);
+            Ok(Some(match policy {
+                Policy::Rows => planner.explicit(kind, &vec![nodes; tensor.n_expert as usize], false),
+                Policy::Mirror => planner.explicit(kind, &vec![nodes; tensor.n_expert as usize], true),
+                Policy::Block => {
+                    let counts = apportion(tensor.n_expert as u64, &planner.weights(&nodes));
+                    let mut holders = Vec::new();
+                    for (n, c) in nodes.iter().zip(counts) {
+                        holders.extend(std::iter::repeat_n(vec![*n], c as usize));
+                    }
+                    planner.explicit(kind, &holders, true)
+                }
+                Policy::RoundRobin => {
+                    let holders: Vec<Vec<u32>> =
+                        (0..tensor.n_expert as usize).map(|e| vec![nodes[e % nodes.len()]]).collect();
+                    planner.explicit(kind, &holders, true)
+                }
+                Policy::Interleave => TensorPlan {
+                    tensor: tensor.clone(),
+                    kind,
+                    copies: vec![CopyPlan {
+                        node: None,
+                        extents: vec![Extent { offset: 0, len: tensor.bytes(), binding: Binding::Interleave(nodes) }],
+                    }],
+                    compute: Compute::Stock,
+                },
+                Policy::Auto | Policy::Off => unreachable!("resolved above"),
+            }))
+        }
+        Resolved::Explicit { holders } => Ok(Some(planner.explicit(PlanKind::Explicit, &holders, true))),
+    }
+}
+
+struct Planner<'a> {
+    topo: &'a Topology,
+    tensor: &'a ExpertTensor,
+    opts: &'a PlanOptions,
+}
+
+impl Planner<'_> {
+    /// Compute weight of each node: its cores (or 1 each when splitting evenly). A node with
+    /// no CPUs (memory only) gets the mean of the others, so it still holds a fair share.
+    fn weights(&self, nodes: &[u32]) -> Vec<u64> {
+        if !self.opts.by_cores {
+            return vec![1; nodes.len()];
+        }
+        let cores: Vec<u64> = nodes.iter().map(|&n| self.topo.node(n).map_or(0, |n| n.cores() as u64)).collect();
+        let with: Vec<u64> = cores.iter().copied().filter(|&c| c > 0).collect();
+        let mean = if with.is_empty() { 1 } else { (with.iter().sum::<u64>() / with.len() as u64).max(1) };
+        cores.into_iter().map(|c| if c == 0 { mean } else { c }).collect()
+    }
+
+    /// Rows per split unit: the fewest whole rows whose bytes are a multiple of the page size,
+    /// so that row boundaries fall on page boundaries; smaller when the tensor is too small
+    /// for every node to get a unit.
+    fn row_unit(&self, parts: usize) -> u64 {
+        let rb = self.tensor.row_bytes;
+        let page = self.opts.page_size.max(1);
+        let mut unit = page / gcd(page, rb);
+        while unit > 1 && unit * parts as u64 > self.tensor.rows {
+            unit /= 2;
+        }
+        unit.max(1)
+    }
+
+    /// Splits `0..rows` over `nodes` by weight, in whole units, contiguously in node order.
+    fn split_rows(&self, nodes: &[u32]) -> Vec<(u32, Range<u64>)> {
+        let rows = self.tensor.rows;
+        let unit = self.row_unit(nodes.len());
+        let units = rows.div_ceil(unit);
+        let counts = apportion(units, &self.weights(nodes));
+        let mut start = 0;
+        let mut out = Vec::new();
+        for (&n, c) in nodes.iter().zip(counts) {
+            let end = (start + c * unit).min(rows);
+            if end > start {
+                out.push((n, start..end));
+            }
+            start = end;
+        }
+        out
+    }
+
+    /// The general plan: `holders[e]` lists the nodes that hold expert `e`. With one holder the
+    /// expert lives there whole; with several, either each holds a full copy (`copies`) and
+    /// computes its share of rows from it, or (`rows`) each holds only its share of rows.
+    fn explicit(&self, kind: PlanKind, holders: &[Vec<u32>], copies: bool) -> TensorPlan {
+        let t = self.tensor;
+        let eb = t.expert_bytes();
+        let rb = t.row_bytes;
+        let mut primary: Vec<Extent> = Vec::new();
+        let mut replicas: Vec<CopyPlan> = Vec::new();
+        let mut pieces = Vec::new();
+        let push = |extents: &mut Vec<Extent>, offset: u64, len: u64, node: u32| {
+            if let Some(last) = extents.last_mut() {
+                if last.binding == Binding::Node(node) && last.offset + last.len == offset {
+                    last.len += len;
+                    return;
+                }
+            }
+            extents.push(Extent { offset, len, binding: Binding::Node(node) });
+        };
+        // Row splits depend only on the holder set; compute each distinct one once.
+        let mut splits: Vec<(Vec<u32>, Vec<(u32, Range<u64>)>)> = Vec::new();
+        for (e, nodes) in holders.iter().enumerate() {
+            let base = e as u64 * eb;
+            if nodes.len() == 1 {
+                push(&mut primary, base, eb, nodes[0]);
+                pieces.push(Piece { expert: e as u32, rows: 0..t.rows, node: nodes[0], copy: 0 });
+                continue;
+            }
+            let split = match splits.iter().find(|(k, _)| k == nodes) {
+                Some((_, s)) => s.clone(),
+                None => {
+                    let s = self.split_rows(nodes);
+                    splits.push((nodes.clone(), s.clone()));
+                    s
+                }
+            };
+            if copies {
+                push(&mut primary, base, eb, nodes[0]);
+                for &n in &nodes[1..] {
+                    let idx = match replicas.iter().position(|c| c.node == Some(n)) {
+                        Some(i) => i,
+                        None => {
+                            replicas.push(CopyPlan { node: Some(n), extents: Vec::new() });
+                            replicas.len() - 1
+                        }
+                    };
+                    push(&mut replicas[idx].extents, base, eb, n);
+                }
+            } else {
+                for (n, r) in &split {
+                    push(&mut primary, base + r.start * rb, (r.end - r.start) * rb, *n);
+                }
+            }
+            for (n, r) in split {
+                let copy = if !copies || n == nodes[0] {
+                    0
+                } else {
+                    1 + replicas.iter().position(|c| c.node == Some(n)).expect("replica made above")
+                };
+                pieces.push(Piece { expert: e as u32, rows: r, node: n, copy });
+            }
+        }
+        let mut all = vec![CopyPlan { node: None, extents: primary }];
+        all.extend(replicas);
+        TensorPlan { tensor: t.clone(), kind, copies: all, compute: Compute::Pieces(pieces) }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Divides `total` into parts proportional to `weights` (largest remainder; ties to the
+/// earlier part), so parts of equal weight differ by at most one.
+pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
+    let sum: u64 = weights.iter().sum();
+    if sum == 0 || weights.is_empty() {
+        return vec![0; weights.len()];
+    }
+    let mut parts: Vec<u64> = weights.iter().map(|&w| (total as u128 * w as u128 / sum as u128) as u64).collect();
+    let mut rem: Vec<(u128, usize)> =
+        weights.iter().enumerate().map(|(i, &w)| ((total as u128 * w as u128) % sum as u128, i)).collect();
+    rem.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let short = total - parts.iter().sum::<u64>();
+    for &(_, i) in rem.iter().take(short as usize) {
+        parts[i] += 1;
+    }
+    parts
+}
+
+/// Bytes per node over many plans, checked against each node's budget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLoad {
+    pub node: u32,
+    pub bytes: u64,
+    pub tensors: usize,
+    pub budget: u64,
+}
+
+/// Sums what `plans` place on each node and fails on the first node that cannot hold it.
+pub fn node_loads(topo: &Topology, plans: &[TensorPlan]) -> Vec<NodeLoad> {
+    topo.nodes()
+        .iter()
+        .map(|n| {
+            let mut bytes = 0;
+            let mut tensors = 0;
+            for p in plans {
+                if let Some((_, b)) = p.bytes_per_node().into_iter().find(|(id, _)| *id == n.id) {
+                    bytes += b;
+                    tensors += 1;
+                }
+            }
+            NodeLoad { node: n.id, bytes, tensors, budget: n.budget_bytes() }
+        })
+        .collect()
+}
+
+pub fn check_budget(loads: &[NodeLoad]) -> Result<(), PlanError> {
+    for l in loads {
+        if l.bytes > l.budget {
+            return Err(PlanError::OverFull { node: l.node, need: l.bytes, free: l.budget });
+        }
+    }
+    Ok(())
+}
+
+/// A worker thread's place: the node it serves and the CPU it prefers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSlot {
+    pub node: u32,
+    pub cpu: u32,
+}
+
+/// Lays out `n_threads` workers: contiguous blocks per node (nodes with usable CPUs, in
+/// order), sized by the node's cores, at least one per node while threads last; inside a
+/// node, physical cores first and SMT siblings only once every core has a worker.
+pub fn plan_workers(topo: &Topology, n_threads: usize) -> Vec<WorkerSlot> {
+    let nodes: Vec<_> = topo.nodes().iter().filter(|n| n.has_cpus()).collect();
+    if nodes.is_empty() || n_threads == 0 {
+        return Vec::new();
+    }
+    let weights: Vec<u64> = nodes.iter().map(|n| n.cores() as u64).collect();
+    let mut counts = apportion(n_threads as u64, &weights);
+    // Every node gets a worker while there are enough threads: take from the largest block.
+    if n_threads >= nodes.len() {
+        while let Some(z) = counts.iter().position(|&c| c == 0) {
+            let max = (0..counts.len()).max_by_key(|&i| (counts[i], usize::MAX - i)).expect("non-empty");
+            counts[max] -= 1;
+            counts[z] += 1;
+        }
+    }
+    let mut out = Vec::with_capacity(n_threads);
+    for (node, c) in nodes.iter().zip(counts) {
+        let order = node.cpus_cores_first();
+        for i in 0..c as usize {
+            out.push(WorkerSlot { node: node.id, cpu: order[i % order.len()].os });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::Source;
+
+    fn tensor(n_expert: u32, rows: u64, row_bytes: u64) -> ExpertTensor {
+        ExpertTensor {
+            name: "blk.0.ffn_up_exps.weight".into(),
+            layer: Some(0),
+            type_name: "q4_K".into(),
+            n_expert,
+            rows,
+            row_bytes,
+        }
+    }
+
+    fn plan(topo: &Topology, map: &str, t: &ExpertTensor) -> TensorPlan {
+        plan_tensor(topo, &ExpertMap::parse(map).unwrap(), t, &PlanOptions::default()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn apportion_is_exact_and_fair() {
+        assert_eq!(apportion(10, &[1, 1, 1]), vec![4, 3, 3]);
+        assert_eq!(apportion(24, &[1, 1]), vec![12, 12]);
+        assert_eq!(apportion(7, &[2, 1]), vec![5, 2]);
+        assert_eq!(apportion(5, &[0, 0]), vec![0, 0]);
+    }
+
+    #[test]
+    fn rows_on_two_nodes_split_every_expert_on_page_boundaries() {
+        let topo = Topology::uniform(2, 4, 64);
+        // Qwen3-30B-A3B up/gate: 768 rows of 2048 q4_K columns (1152 bytes a row).
+        let t = tensor(128, 768, 1152);
+        let p = plan(&topo, "rows", &t);
+        assert_eq!(p.copies.len(), 1);
+        assert_eq!(p.describe_share(0), "rows 0-383 of every expert");
+        assert_eq!(p.describe_share(1), "rows 384-767 of every expert");
+        for e in &p.copies[0].extents {
+            assert_eq!(e.offset % 4096, 0, "{e:?}");
+        }
+        assert_eq!(p.bytes_per_node(), vec![(0, t.bytes() / 2), (1, t.bytes() / 2)]);
+    }
+
+    #[test]
+    fn rows_follow_cores_when_nodes_differ() {
+        let mut nodes = Topology::uniform(2, 4, 64).nodes().to_vec();
+        nodes[1].cpus.truncate(2);
+        let topo = Topology::from_parts(nodes, None, Source::Manual).unwrap();
+        let p = plan(&topo, "rows", &tensor(4, 1536, 4096));
+        let on0: u64 = p.pieces().iter().filter(|x| x.node == 0).map(|x| x.rows.end - x.rows.start).sum();
+        let on1: u64 = p.pieces().iter().filter(|x| x.node == 1).map(|x| x.rows.end - x.rows.start).sum();
+        assert_eq!((on0, on1), (4 * 1024, 4 * 512));
+    }
+
+    #[test]
+    fn block_and_round_robin_place_whole_experts() {
+        let topo = Topology::uniform(2, 4, 64);
+        let t = tensor(16, 64, 4096);
+        let b = plan(&topo, "block", &t);
+        assert_eq!(b.describe_share(0), "experts 0-7");
+        assert_eq!(b.describe_share(1), "experts 8-15");
+        let r = plan(&topo, "round-robin", &t);
+        assert_eq!(r.describe_share(0), "experts 0,2,4,6,8,10,12,14");
+    }
+
+    #[test]
+    fn explicit_map_with_a_copy_on_two_nodes() {
+        let topo = Topology::uniform(2, 4, 64);
+        let t = tensor(8, 64, 4096);
+        let p = plan(&topo, "0-3:0+1,4-7:1", &t);
+        assert_eq!(p.copies.len(), 2);
+        assert_eq!(p.copies[1].node, Some(1));
+        assert_eq!(p.copies[1].extents, vec![Extent { offset: 0, len: 4 * t.expert_bytes(), binding: Binding::Node(1) }]);
+        // experts 0-3 are computed half on each node, node 1 reading its own copy
+        let e0: Vec<(u32, usize)> = p.pieces().iter().filter(|x| x.expert == 0).map(|x| (x.node, x.copy)).collect();
+        assert_eq!(e0, vec![(0, 0), (1, 1)]);
+    }
+
+    #[test]
+    fn mirror_puts_a_full_copy_on_every_node() {
+        let topo = Topology::uniform(4, 2, 64);
+        let t = tensor(8, 256, 1024);
+        let p = plan(&topo, "mirror", &t);
+        assert_eq!(p.copies.len(), 4);
+        assert_eq!(p.bytes_per_node(), (0..4).map(|n| (n, t.bytes())).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn auto_is_off_on_one_node_and_rows_on_several() {
+        let t = tensor(8, 256, 1024);
+        let one = Topology::uniform(1, 2, 64);
+        assert!(plan_tensor(&one, &ExpertMap::policy(Policy::Auto), &t, &PlanOptions::default()).unwrap().is_none());
+        let two = Topology::uniform(2, 2, 64);
+        assert_eq!(plan(&two, "auto", &t).kind, PlanKind::Policy(Policy::Rows));
+    }
+
+    #[test]
+    fn memory_less_and_cpu_less_nodes_are_not_default_targets() {
+        let mut nodes = Topology::uniform(3, 2, 64).nodes().to_vec();
+        nodes[1].total_bytes = 0; // CPUs, no memory
+        nodes[2].cpus.clear(); // memory, no CPUs
+        let topo = Topology::from_parts(nodes, None, Source::Manual).unwrap();
+        assert_eq!(topo.compute_nodes(), vec![0]);
+        let p = plan(&topo, "rows@0,2", &tensor(2, 64, 4096));
+        // the CPU-less node gets a fair share (the mean weight), computed elsewhere at run time
+        assert_eq!(p.bytes_per_node(), vec![(0, 2 * 32 * 4096), (2, 2 * 32 * 4096)]);
+    }
+
+    #[test]
+    fn over_full_node_names_node_and_shortfall() {
+        let mut nodes = Topology::uniform(2, 2, 1).nodes().to_vec();
+        nodes[1].free_bytes = Some(100 << 20);
+        let topo = Topology::from_parts(nodes, None, Source::Manual).unwrap();
+        let p = plan(&topo, "rows", &tensor(8, 1024, 65536)); // 512 MiB
+        let err = check_budget(&node_loads(&topo, &[p])).unwrap_err().to_string();
+        assert_eq!(err, "node 1 is over-full: the plan places 256.0 MiB there but it has 100.0 MiB free (156.0 MiB short)");
+    }
+
+    #[test]
+    fn workers_are_contiguous_per_node_and_cores_first() {
+        let topo = Topology::from_synthetic("package:2 numa:1 core:2 pu:2").unwrap();
+        let w = plan_workers(&topo, 6);
+        let nodes: Vec<u32> = w.iter().map(|s| s.node).collect();
+        assert_eq!(nodes, vec![0, 0, 0, 1, 1, 1]);
+        let n0 = topo.node(0).unwrap();
+        let smt = |cpu: u32| n0.cpus.iter().find(|c| c.os == cpu).map(|c| c.smt);
+        assert_eq!((smt(w[0].cpu), smt(w[1].cpu), smt(w[2].cpu)), (Some(0), Some(0), Some(1)));
+        // fewer threads than nodes: still valid
+        assert_eq!(plan_workers(&topo, 1).len(), 1);
+        // more threads than CPUs wrap around
+        assert_eq!(plan_workers(&topo, 20).len(), 20);
+    }
+
+    #[test]
+    fn a_node_without_cpus_gets_no_workers() {
+        let mut nodes = Topology::uniform(2, 2, 1).nodes().to_vec();
+        nodes[1].cpus.clear();
+        let topo = Topology::from_parts(nodes, None, Source::Manual).unwrap();
+        assert!(plan_workers(&topo, 4).iter().all(|w| w.node == 0));
+    }
+}

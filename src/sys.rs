@@ -1,0 +1,435 @@
+//! Raw Linux syscalls for memory policy, page location and CPU affinity.
+//!
+//! This is the only layer that talks to the kernel about NUMA. Each wrapper turns the C
+//! convention (0/-1 + errno) into a typed [`SysError`] that keeps the errno and names the call,
+//! so callers above can say *which* node, size and tensor failed. No libnuma: libc gives the
+//! syscall numbers and the MPOL_* modes; the flags libc lacks are defined here.
+
+use std::fmt;
+use std::io;
+
+/// `get_mempolicy` flag: return the node of the page at `addr` instead of the policy.
+pub(crate) const MPOL_F_NODE: libc::c_ulong = 1;
+/// `get_mempolicy` flag: look up the policy governing `addr`.
+pub(crate) const MPOL_F_ADDR: libc::c_ulong = 2;
+/// `get_mempolicy` flag: return the set of nodes the process may allocate on.
+pub(crate) const MPOL_F_MEMS_ALLOWED: libc::c_ulong = 4;
+// The mbind flags libc lacks. numa-moe binds memory before its first touch, so it never
+// needs to move pages; they are defined for completeness and for tests.
+/// `mbind` flag: fail if pages already in the range are not on the policy's nodes.
+#[allow(dead_code)]
+pub(crate) const MPOL_MF_STRICT: libc::c_uint = 1;
+/// `mbind` flag: move pages of this process that are not on the policy's nodes.
+#[allow(dead_code)]
+pub(crate) const MPOL_MF_MOVE: libc::c_uint = 2;
+/// `mbind` flag: move pages even if they are shared with other processes (needs privilege).
+#[allow(dead_code)]
+pub(crate) const MPOL_MF_MOVE_ALL: libc::c_uint = 4;
+/// Memory policy mode for several preferred nodes (Linux 5.15+).
+#[allow(dead_code)]
+pub(crate) const MPOL_PREFERRED_MANY: libc::c_int = 5;
+
+/// What went wrong in a syscall, in the terms a user can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SysErrorKind {
+    /// EINVAL: a node that does not exist, has no memory, or a bad range.
+    InvalidArgument,
+    /// EPERM / EACCES: the kernel or a container policy forbids it.
+    PermissionDenied,
+    /// ENOMEM: the kernel could not satisfy the request.
+    OutOfMemory,
+    /// ENOSYS: the kernel has no NUMA support (or seccomp hides the call).
+    Unsupported,
+    /// EFAULT: the address range is not mapped.
+    BadAddress,
+    /// Anything else; the errno is kept.
+    Other,
+}
+
+/// A failed syscall: which call, the errno and its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SysError {
+    pub call: &'static str,
+    pub errno: i32,
+    pub kind: SysErrorKind,
+}
+
+impl SysError {
+    fn from_errno(call: &'static str, errno: i32) -> Self {
+        let kind = match errno {
+            libc::EINVAL => SysErrorKind::InvalidArgument,
+            libc::EPERM | libc::EACCES => SysErrorKind::PermissionDenied,
+            libc::ENOMEM => SysErrorKind::OutOfMemory,
+            libc::ENOSYS => SysErrorKind::Unsupported,
+            libc::EFAULT => SysErrorKind::BadAddress,
+            _ => SysErrorKind::Other,
+        };
+        SysError { call, errno, kind }
+    }
+
+    fn last(call: &'static str) -> Self {
+        Self::from_errno(call, io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+impl fmt::Display for SysError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} failed: {} (errno {})",
+            self.call,
+            io::Error::from_raw_os_error(self.errno),
+            self.errno
+        )
+    }
+}
+
+impl std::error::Error for SysError {}
+
+/// A set of NUMA node numbers in the kernel's `unsigned long` bitmask layout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeMask {
+    words: Vec<libc::c_ulong>,
+}
+
+const WORD_BITS: usize = libc::c_ulong::BITS as usize;
+
+impl NodeMask {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn from_nodes(nodes: impl IntoIterator<Item = u32>) -> Self {
+        let mut m = Self::new();
+        for n in nodes {
+            m.set(n);
+        }
+        m
+    }
+
+    pub fn set(&mut self, node: u32) {
+        let (w, b) = (node as usize / WORD_BITS, node as usize % WORD_BITS);
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+        }
+        self.words[w] |= 1 << b;
+    }
+
+    pub fn contains(&self, node: u32) -> bool {
+        let (w, b) = (node as usize / WORD_BITS, node as usize % WORD_BITS);
+        self.words.get(w).is_some_and(|x| x & (1 << b) != 0)
+    }
+
+    pub fn nodes(&self) -> Vec<u32> {
+        (0..self.words.len() * WORD_BITS)
+            .filter(|&n| self.contains(n as u32))
+            .map(|n| n as u32)
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// The `maxnode` argument for this mask. The kernel reads `maxnode - 1` bits, so one more
+    /// than the mask's width is passed (the same convention libnuma uses).
+    fn maxnode(&self) -> libc::c_ulong {
+        (self.words.len() * WORD_BITS + 1) as libc::c_ulong
+    }
+
+    fn as_ptr(&self) -> *const libc::c_ulong {
+        if self.words.is_empty() {
+            std::ptr::null()
+        } else {
+            self.words.as_ptr()
+        }
+    }
+}
+
+/// Memory policy modes used by numa-moe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyMode {
+    Default,
+    Bind,
+    Preferred,
+    Interleave,
+}
+
+impl PolicyMode {
+    fn raw(self) -> libc::c_int {
+        match self {
+            PolicyMode::Default => libc::MPOL_DEFAULT,
+            PolicyMode::Bind => libc::MPOL_BIND,
+            PolicyMode::Preferred => libc::MPOL_PREFERRED,
+            PolicyMode::Interleave => libc::MPOL_INTERLEAVE,
+        }
+    }
+}
+
+/// The system page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v <= 0 {
+        4096
+    } else {
+        v as usize
+    }
+}
+
+/// Anonymous private read-write mapping of `len` bytes, untouched (no page is allocated yet,
+/// so a policy set on it before the first write decides where every page lands).
+pub fn mmap_anonymous(len: usize) -> Result<*mut u8, SysError> {
+    // SAFETY: a fresh anonymous mapping; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(SysError::last("mmap"))
+    } else {
+        Ok(p.cast())
+    }
+}
+
+/// Unmaps a range obtained from [`mmap_anonymous`].
+///
+/// # Safety
+/// `ptr..ptr+len` must be a mapping owned by the caller that nothing references any more.
+pub unsafe fn munmap(ptr: *mut u8, len: usize) -> Result<(), SysError> {
+    // SAFETY: the caller owns the mapping and guarantees no live references into it.
+    if unsafe { libc::munmap(ptr.cast(), len) } == 0 {
+        Ok(())
+    } else {
+        Err(SysError::last("munmap"))
+    }
+}
+
+/// `madvise` on a page-aligned range.
+///
+/// # Safety
+/// The range must be mapped and owned by the caller, and `advice` must not discard data
+/// the caller still needs (MADV_DONTNEED on private anonymous memory zeroes it).
+pub unsafe fn madvise(ptr: *mut u8, len: usize, advice: libc::c_int) -> Result<(), SysError> {
+    // SAFETY: forwarded to the caller's contract.
+    if unsafe { libc::madvise(ptr.cast(), len, advice) } == 0 {
+        Ok(())
+    } else {
+        Err(SysError::last("madvise"))
+    }
+}
+
+/// Sets the memory policy of a page-aligned range (`mbind(2)`).
+///
+/// # Safety
+/// `addr..addr+len` must be a mapping owned by the caller. A policy never changes the
+/// contents of memory, but MPOL_MF_MOVE may migrate pages, which is invisible to Rust.
+pub unsafe fn mbind(
+    addr: *mut u8,
+    len: usize,
+    mode: PolicyMode,
+    nodes: &NodeMask,
+    flags: libc::c_uint,
+) -> Result<(), SysError> {
+    let (mask, maxnode) = if mode == PolicyMode::Default {
+        (std::ptr::null(), 0)
+    } else {
+        (nodes.as_ptr(), nodes.maxnode())
+    };
+    // SAFETY: the mask pointer is valid for maxnode-1 bits (or null with maxnode 0).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            addr as libc::c_ulong,
+            len as libc::c_ulong,
+            mode.raw() as libc::c_ulong,
+            mask,
+            maxnode,
+            flags as libc::c_ulong,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(SysError::last("mbind"))
+    }
+}
+
+/// The nodes this process may allocate memory on (cpuset / cgroup limits).
+pub fn mems_allowed() -> Result<NodeMask, SysError> {
+    let mut words = vec![0 as libc::c_ulong; 16]; // 1024 nodes
+    let mut mode: libc::c_int = 0;
+    // SAFETY: words has room for 1024 bits; maxnode says so.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut mode as *mut libc::c_int,
+            words.as_mut_ptr(),
+            (words.len() * WORD_BITS) as libc::c_ulong,
+            std::ptr::null_mut::<libc::c_void>(),
+            MPOL_F_MEMS_ALLOWED,
+        )
+    };
+    if r != 0 {
+        return Err(SysError::last("get_mempolicy"));
+    }
+    while words.last() == Some(&0) {
+        words.pop();
+    }
+    Ok(NodeMask { words })
+}
+
+/// The policy mode and nodes governing the page at `addr` (`get_mempolicy(MPOL_F_ADDR)`).
+pub fn policy_of_addr(addr: *const u8) -> Result<(libc::c_int, NodeMask), SysError> {
+    let mut words = vec![0 as libc::c_ulong; 16];
+    let mut mode: libc::c_int = 0;
+    // SAFETY: get_mempolicy only reads the address as a lookup key; the buffers are sized.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut mode as *mut libc::c_int,
+            words.as_mut_ptr(),
+            (words.len() * WORD_BITS) as libc::c_ulong,
+            addr,
+            MPOL_F_ADDR,
+        )
+    };
+    if r != 0 {
+        return Err(SysError::last("get_mempolicy"));
+    }
+    while words.last() == Some(&0) {
+        words.pop();
+    }
+    Ok((mode, NodeMask { words }))
+}
+
+/// The node holding the page at `addr` (`get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`); the
+/// page must be resident.
+pub fn node_of_addr(addr: *const u8) -> Result<u32, SysError> {
+    let mut node: libc::c_int = -1;
+    // SAFETY: with MPOL_F_NODE|MPOL_F_ADDR the kernel writes one int; no mask is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut node as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_ulong>(),
+            0 as libc::c_ulong,
+            addr,
+            MPOL_F_NODE | MPOL_F_ADDR,
+        )
+    };
+    if r == 0 {
+        Ok(node as u32)
+    } else {
+        Err(SysError::last("get_mempolicy"))
+    }
+}
+
+/// Where each page is: for every page address, the node holding it, or a negative errno
+/// (-ENOENT: not present yet, -EFAULT: not mapped). Queries in chunks; moves nothing.
+pub fn page_nodes(pages: &[*const u8], status: &mut [i32]) -> Result<(), SysError> {
+    assert_eq!(pages.len(), status.len());
+    const CHUNK: usize = 1 << 16;
+    for (p, s) in pages.chunks(CHUNK).zip(status.chunks_mut(CHUNK)) {
+        // SAFETY: with nodes == NULL move_pages only reports; both arrays hold p.len() entries.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_move_pages,
+                0 as libc::pid_t,
+                p.len() as libc::c_ulong,
+                p.as_ptr(),
+                std::ptr::null::<libc::c_int>(),
+                s.as_mut_ptr(),
+                0 as libc::c_int,
+            )
+        };
+        if r < 0 {
+            return Err(SysError::last("move_pages"));
+        }
+    }
+    Ok(())
+}
+
+/// The CPU and NUMA node the calling thread runs on right now.
+pub fn getcpu() -> Result<(u32, u32), SysError> {
+    let mut cpu: libc::c_uint = 0;
+    let mut node: libc::c_uint = 0;
+    // SAFETY: both out-pointers are valid; the third argument is unused by Linux.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_getcpu,
+            &mut cpu as *mut libc::c_uint,
+            &mut node as *mut libc::c_uint,
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    };
+    if r == 0 {
+        Ok((cpu, node))
+    } else {
+        Err(SysError::last("getcpu"))
+    }
+}
+
+/// CPUs the calling thread may run on.
+pub fn thread_affinity() -> Result<Vec<u32>, SysError> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid cpu_set_t of the size passed.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return Err(SysError::last("sched_getaffinity"));
+    }
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: CPU_ISSET reads within the set for indices below its bit width.
+    Ok((0..max).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).map(|c| c as u32).collect())
+}
+
+/// Restricts the calling thread to `cpus`.
+pub fn set_thread_affinity(cpus: &[u32]) -> Result<(), SysError> {
+    // SAFETY: zeroed cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    for &c in cpus {
+        if (c as usize) < max {
+            // SAFETY: c is below the set's bit width.
+            unsafe { libc::CPU_SET(c as usize, &mut set) };
+        }
+    }
+    // SAFETY: set is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(SysError::last("sched_setaffinity"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_mask_round_trips_and_sizes_maxnode() {
+        let m = NodeMask::from_nodes([0, 3, 64, 70]);
+        assert_eq!(m.nodes(), vec![0, 3, 64, 70]);
+        assert!(m.contains(64) && !m.contains(1));
+        assert_eq!(m.maxnode(), 2 * 64 + 1);
+        assert!(NodeMask::new().is_empty());
+    }
+
+    #[test]
+    fn errno_kinds_are_named() {
+        assert_eq!(SysError::from_errno("mbind", libc::EINVAL).kind, SysErrorKind::InvalidArgument);
+        assert_eq!(SysError::from_errno("mbind", libc::EPERM).kind, SysErrorKind::PermissionDenied);
+        assert_eq!(SysError::from_errno("mbind", libc::ENOMEM).kind, SysErrorKind::OutOfMemory);
+        assert_eq!(SysError::from_errno("mbind", libc::ENOSYS).kind, SysErrorKind::Unsupported);
+        let e = SysError::from_errno("mbind", libc::EINVAL);
+        assert!(e.to_string().starts_with("mbind failed: Invalid argument"));
+    }
+}
