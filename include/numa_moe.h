@@ -72,6 +72,28 @@ typedef uint32_t NumaMoeResult;
 #endif // __cplusplus
 
 /**
+ * Counters of what numa-moe did in this process.
+ */
+typedef struct NumaMoeStats {
+  /**
+   * MUL_MAT_ID ops computed by numa-moe's node-local hook.
+   */
+  uint64_t ops_computed;
+  /**
+   * MUL_MAT_ID ops over placed weights left to ggml-cpu's stock kernel.
+   */
+  uint64_t ops_declined;
+  /**
+   * Expert tensors placed by live buffers.
+   */
+  uint64_t tensors_placed;
+  /**
+   * Their bytes, over all copies.
+   */
+  uint64_t bytes_placed;
+} NumaMoeStats;
+
+/**
  * One NUMA node as numa-moe sees it.
  */
 typedef struct NumaMoeNodeInfo {
@@ -209,6 +231,14 @@ typedef struct NumaMoeGgmlApi {
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Reads the counters into `*out`.
+ *
+ * # Safety
+ * `out` must be valid for writes.
+ */
+NumaMoeResult numa_moe_stats_get(struct NumaMoeStats *out);
 
 /**
  * The library version ("0.1.0"). A static string: do not free it.

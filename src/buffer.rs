@@ -17,6 +17,10 @@ use crate::memory::{self, PageReport, Region, Strictness};
 use crate::placement::{self, Binding, ExpertTensor, Piece, PlanOptions, TensorPlan};
 use crate::topology::format_gib;
 
+/// Expert tensors placed by live buffers, and their bytes (all copies).
+pub static PLACED_TENSORS: AtomicU64 = AtomicU64::new(0);
+pub static PLACED_BYTES: AtomicU64 = AtomicU64::new(0);
+
 /// ggml's view of a tensor being placed, taken by the ffi layer.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
@@ -75,6 +79,20 @@ pub struct PlacedTensor {
 impl PlacedTensor {
     pub fn bytes(&self) -> usize {
         self.plan.tensor.bytes() as usize
+    }
+
+    /// Bytes over all copies that exist.
+    fn all_bytes(&self) -> u64 {
+        let replicas: u64 = self
+            .plan
+            .copies
+            .iter()
+            .skip(1)
+            .zip(&self.replicas)
+            .filter(|(_, r)| r.is_some())
+            .map(|(c, _)| c.extents.iter().map(|e| e.len).sum::<u64>())
+            .sum();
+        self.plan.tensor.bytes() + replicas
     }
 
     /// Base address of copy `copy` (the primary is `primary_base`).
@@ -170,7 +188,7 @@ impl NumaBuffer {
         }
         self.reserved.lock().extend(loads.iter().copied());
 
-        let bind = rt.topology.is_host();
+        let bind = rt.binds();
         if bind {
             for e in &plan.copies[0].extents {
                 if let Err(err) = self.region.bind(offset + e.offset as usize..offset + (e.offset + e.len) as usize, &e.binding, strictness) {
@@ -231,6 +249,8 @@ impl NumaBuffer {
             synced: Once::new(),
             degraded: Mutex::new(degraded),
         });
+        PLACED_TENSORS.fetch_add(1, Ordering::Relaxed);
+        PLACED_BYTES.fetch_add(placed.all_bytes(), Ordering::Relaxed);
         let mut v = self.placed.write();
         let at = v.partition_point(|p| p.offset < offset);
         v.insert(at, placed);
@@ -349,7 +369,7 @@ impl NumaBuffer {
             format_gib(total),
             s.map.render(),
             s.map_origin,
-            if rt.topology.is_host() { String::new() } else { " on a synthetic topology: planned, not bound".into() }
+            if rt.binds() { String::new() } else { " on a described topology: planned, not bound".into() }
         )];
         let loads = placement::node_loads(&rt.topology, &placed.iter().map(|p| p.plan.clone()).collect::<Vec<_>>());
         let mut parts = Vec::new();
@@ -399,7 +419,7 @@ impl NumaBuffer {
 
     /// Verifies once (at first compute, when the weights are loaded) and logs the result.
     pub fn verify_once(&self, rt: &Runtime) {
-        if self.verified.swap(true, Ordering::Relaxed) || !rt.settings().verify || !rt.topology.is_host() {
+        if self.verified.swap(true, Ordering::Relaxed) || !rt.settings().verify || !rt.binds() {
             return;
         }
         match self.verify() {
@@ -428,6 +448,10 @@ impl NumaBuffer {
     pub fn release(&self, rt: &Runtime) {
         for (n, b) in self.reserved.lock().drain(..) {
             rt.release(n, b);
+        }
+        for p in self.placed.write().drain(..) {
+            PLACED_TENSORS.fetch_sub(1, Ordering::Relaxed);
+            PLACED_BYTES.fetch_sub(p.all_bytes(), Ordering::Relaxed);
         }
     }
 }

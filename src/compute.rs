@@ -17,12 +17,17 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::buffer::{NumaBuffer, PlacedTensor};
 use crate::config::{PinMode, Runtime};
 use crate::ggml::{Api, MmidOp, NumaMoeComputeParams, Work};
 use crate::placement::plan_workers;
 use crate::topology::Topology;
+
+/// MUL_MAT_ID ops over placed weights: computed here, or left to ggml-cpu's stock kernel.
+pub static OPS_COMPUTED: AtomicU64 = AtomicU64::new(0);
+pub static OPS_DECLINED: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// The (thread count, node) this thread last pinned itself for.
@@ -112,7 +117,15 @@ pub fn work_size(op: &MmidOp, n_threads: usize) -> usize {
 /// little work memory; ggml-cpu's stock kernel then runs on the same memory.
 pub fn compute(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &PlacedTensor, params: &NumaMoeComputeParams) -> bool {
     let (ith, nth) = (params.ith as usize, params.nth as usize);
-    let Some(work) = Work::new(params, op.layout(nth)) else { return false };
+    let Some(work) = Work::new(params, op.layout(nth)) else {
+        if ith == 0 {
+            OPS_DECLINED.fetch_add(1, Ordering::Relaxed);
+        }
+        return false;
+    };
+    if ith == 0 {
+        OPS_COMPUTED.fetch_add(1, Ordering::Relaxed);
+    }
 
     // Phase A.
     if ith == 0 {

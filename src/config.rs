@@ -10,6 +10,7 @@
 //! | NUMA_MOE_THP           | `1`, `0`                     | `0`                              |
 //! | NUMA_MOE_VERIFY        | `1`, `0`                     | `1`                              |
 //! | NUMA_MOE_TOPOLOGY      | `host`, synthetic, XML path  | `host`                           |
+//! | NUMA_MOE_FORCE_BIND    | `1`, `0`                     | `0` (tests: bind on a described machine) |
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -47,6 +48,9 @@ pub struct Settings {
     pub pin: PinMode,
     pub huge_pages: bool,
     pub verify: bool,
+    /// Bind memory even when the topology is synthetic or XML (tests of binding failures:
+    /// the kernel then refuses nodes the description has and the host lacks).
+    pub force_bind: bool,
 }
 
 /// Process-wide state: the machine, the settings, and what all live buffers have reserved.
@@ -108,7 +112,8 @@ impl Runtime {
         let pin = choice(env_choice("NUMA_MOE_PIN", &[("auto", PinMode::Auto), ("off", PinMode::Off)], PinMode::Auto), PinMode::Auto, &mut problems);
         let huge_pages = choice(env_choice("NUMA_MOE_THP", &[("1", true), ("0", false)], false), false, &mut problems);
         let verify = choice(env_choice("NUMA_MOE_VERIFY", &[("1", true), ("0", false)], true), true, &mut problems);
-        let settings = Settings { map, map_origin, on_error, pin, huge_pages, verify };
+        let force_bind = choice(env_choice("NUMA_MOE_FORCE_BIND", &[("1", true), ("0", false)], false), false, &mut problems);
+        let settings = Settings { map, map_origin, on_error, pin, huge_pages, verify, force_bind };
         Ok(Runtime {
             topology,
             settings: RwLock::new(settings),
@@ -136,6 +141,11 @@ impl Runtime {
         s.map_origin = origin.to_string();
         *self.pending_error.lock() = None;
         Ok(())
+    }
+
+    /// Whether buffers bind their memory (the host, or a described machine when forced).
+    pub fn binds(&self) -> bool {
+        self.topology.is_host() || self.settings.read().force_bind
     }
 
     pub fn set_on_error(&self, on_error: OnError) {

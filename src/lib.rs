@@ -18,6 +18,7 @@ pub mod config;
 pub mod expert_map;
 pub mod ffi;
 pub mod ggml;
+pub mod gguf;
 pub mod json;
 pub mod log;
 pub mod memory;

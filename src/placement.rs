@@ -320,16 +320,18 @@ impl Planner<'_> {
         unit.max(1)
     }
 
-    /// Splits `0..rows` over `nodes` by weight, in whole units, contiguously in node order.
+    /// Splits `0..rows` over `nodes` by weight, contiguously in node order, in whole units
+    /// (largest remainder, so ties favour earlier nodes); the rows past the last whole unit go
+    /// to the last node, which gets the smaller share on a tie. Nodes of equal weight thus
+    /// differ by at most one unit.
     fn split_rows(&self, nodes: &[u32]) -> Vec<(u32, Range<u64>)> {
         let rows = self.tensor.rows;
         let unit = self.row_unit(nodes.len());
-        let units = rows.div_ceil(unit);
-        let counts = apportion(units, &self.weights(nodes));
+        let counts = apportion(rows / unit, &self.weights(nodes));
         let mut start = 0;
         let mut out = Vec::new();
-        for (&n, c) in nodes.iter().zip(counts) {
-            let end = (start + c * unit).min(rows);
+        for (i, (&n, c)) in nodes.iter().zip(counts).enumerate() {
+            let end = if i + 1 == nodes.len() { rows } else { start + c * unit };
             if end > start {
                 out.push((n, start..end));
             }

@@ -74,13 +74,10 @@ impl SysError {
 
 impl fmt::Display for SysError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} failed: {} (errno {})",
-            self.call,
-            io::Error::from_raw_os_error(self.errno),
-            self.errno
-        )
+        // io::Error's text ends in " (os error N)"; say it once, as errno.
+        let text = io::Error::from_raw_os_error(self.errno).to_string();
+        let text = text.split(" (os error").next().unwrap_or(&text).to_string();
+        write!(f, "{} failed: {text} (errno {})", self.call, self.errno)
     }
 }
 

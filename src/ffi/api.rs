@@ -62,6 +62,40 @@ impl From<&crate::memory::PageReport> for NumaMoePageReport {
     }
 }
 
+/// Counters of what numa-moe did in this process.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NumaMoeStats {
+    /// MUL_MAT_ID ops computed by numa-moe's node-local hook.
+    pub ops_computed: u64,
+    /// MUL_MAT_ID ops over placed weights left to ggml-cpu's stock kernel.
+    pub ops_declined: u64,
+    /// Expert tensors placed by live buffers.
+    pub tensors_placed: u64,
+    /// Their bytes, over all copies.
+    pub bytes_placed: u64,
+}
+
+/// Reads the counters into `*out`.
+///
+/// # Safety
+/// `out` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_stats_get(out: *mut NumaMoeStats) -> NumaMoeResult {
+    use std::sync::atomic::Ordering::Relaxed;
+    boundary("numa_moe_stats_get", || {
+        // SAFETY: forwarded from this function's contract.
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = NumaMoeStats {
+            ops_computed: crate::compute::OPS_COMPUTED.load(Relaxed),
+            ops_declined: crate::compute::OPS_DECLINED.load(Relaxed),
+            tensors_placed: crate::buffer::PLACED_TENSORS.load(Relaxed),
+            bytes_placed: crate::buffer::PLACED_BYTES.load(Relaxed),
+        };
+        Ok(())
+    })
+}
+
 pub(crate) fn rt() -> Result<&'static crate::config::Runtime, Fail> {
     runtime().map_err(|e| Fail::new(NumaMoeResult::TopologyUnavailable, e))
 }

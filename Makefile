@@ -1,0 +1,86 @@
+# numa-moe: build, test, demo and benchmark. `make help` lists the targets.
+#
+# Everything installs what it needs (scripts/setup.sh) and keeps upstream llama.cpp and all
+# build products in ignored folders: third_party/, build/, target/.
+
+SHELL      := /bin/bash
+ROOT       := $(CURDIR)
+CARGO      ?= $(shell command -v cargo 2>/dev/null || echo $(HOME)/.cargo/bin/cargo)
+LLAMA_SRC  := $(ROOT)/third_party/llama.cpp
+LLAMA_BIN  := $(ROOT)/build/llama/bin
+GGML_INC   := $(LLAMA_SRC)/ggml/include
+LIB        := $(ROOT)/target/release/libnuma_moe.so
+CLI        := $(ROOT)/target/release/numa-moe
+VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+CFLAGS_T   := -O2 -g -Wall -Wextra -Werror -std=c11
+export NUMA_MOE_LLAMA_SRC := $(LLAMA_SRC)
+
+.PHONY: help setup source llama lib header header-check harness models \
+        test test-rust test-c test-e2e test-numa demo bench clean
+
+help:
+	@echo "make demo          patched llama.cpp runs a MoE model with numa-moe and prints the placement"
+	@echo "make test          every test suite (Rust, C harness, end to end, multi-node QEMU guests)"
+	@echo "make bench         stock vs numa-moe benchmarks (op level and llama-bench)"
+	@echo "make llama         fetch, patch and build the pinned llama.cpp (LLAMA_CPP_DIR=... for your own)"
+	@echo "make lib           libnuma_moe.so and the numa-moe tool"
+	@echo "make header        regenerate include/numa_moe.h;  make header-check fails when it is stale"
+
+setup:
+	@scripts/setup.sh
+
+# the patched upstream tree (bindgen reads its headers)
+source: setup
+	@scripts/llama.sh source
+
+llama: setup
+	@scripts/llama.sh build
+
+lib: source
+	$(CARGO) build --release
+
+header: source
+	NUMA_MOE_UPDATE_HEADER=1 $(CARGO) build --release
+
+header-check: source
+	NUMA_MOE_HEADER_CHECK=1 $(CARGO) build --release
+
+$(ROOT)/build/c/harness: tests/c/harness.c include/numa_moe.h lib llama
+	@mkdir -p build/c
+	$(CC) $(CFLAGS_T) -DEXPECTED_VERSION='"$(VERSION)"' -Iinclude -I$(GGML_INC) $< -o $@ \
+	    -L$(ROOT)/target/release -lnuma_moe -L$(LLAMA_BIN) -lggml-base -lggml-cpu -lggml \
+	    -Wl,-rpath,$(ROOT)/target/release:$(LLAMA_BIN) -lm
+
+harness: $(ROOT)/build/c/harness
+
+$(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
+	$(CC) -O2 -Wall -Wextra -Werror -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lggml-base -lggml \
+	    -Wl,-rpath,$(LLAMA_BIN) -lm -lpthread
+
+# test models: the 55 MoE architectures llama.cpp can write, plus many-expert models of our own
+models: llama $(ROOT)/build/make-moe-model
+	@scripts/models.sh
+
+test: setup llama header-check
+	@scripts/test.sh all
+
+test-rust: source
+	@scripts/test.sh rust
+
+test-c: harness
+	@scripts/test.sh c
+
+test-e2e: lib llama models
+	@scripts/test.sh e2e
+
+test-numa: lib llama harness models
+	@scripts/test.sh numa
+
+demo: setup llama lib models
+	@scripts/demo.sh
+
+bench: setup llama lib $(ROOT)/build/make-moe-model
+	@scripts/bench.sh
+
+clean:
+	rm -rf target build

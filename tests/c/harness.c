@@ -1,0 +1,629 @@
+// The C test harness for numa-moe's ABI (include/numa_moe.h) and its ggml buffer type.
+//
+// Built with -Wall -Wextra -Werror against the generated header, libnuma_moe.so and the
+// patched ggml from `make llama`. Run as `harness [filter ...]`; prints one line per test
+// and `N passed, N failed`. The machine it tests on is whatever NUMA_MOE_TOPOLOGY says
+// (the Makefile runs it on the host and on described multi-node machines).
+
+#include "numa_moe.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "ggml.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef EXPECTED_VERSION
+#    error "build with -DEXPECTED_VERSION=\"x.y.z\" (the Cargo.toml version)"
+#endif
+
+// ---------------------------------------------------------------------------------------
+// framework
+
+static int g_ok;
+
+static void check_failed(const char * file, int line, const char * cond, const char * fmt, ...) {
+    fprintf(stderr, "  %s:%d: check failed: %s", file, line, cond);
+    if (fmt && *fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        fprintf(stderr, ": ");
+        vfprintf(stderr, fmt, ap);
+        va_end(ap);
+    }
+    fprintf(stderr, "\n");
+    g_ok = 0;
+}
+
+#define CHECK(cond, ...)                                                  \
+    do {                                                                  \
+        if (!(cond)) {                                                    \
+            check_failed(__FILE__, __LINE__, #cond, "" __VA_ARGS__);      \
+        }                                                                 \
+    } while (0)
+
+static char g_err[4096];
+
+static const char * last_error(void) {
+    numa_moe_last_error(g_err, sizeof g_err);
+    return g_err;
+}
+
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+
+static uint64_t rnd(void) {
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return g_rng;
+}
+
+static float rnd_normal(void) {
+    // sum of uniforms: cheap and good enough for weights
+    float s = 0;
+    for (int i = 0; i < 4; i++) {
+        s += (float) (rnd() % 1000000) / 1000000.0f;
+    }
+    return (s - 2.0f) * 1.7f;
+}
+
+static int node_count(void) {
+    size_t n = 0;
+    numa_moe_topology_node_count(&n);
+    return (int) n;
+}
+
+static int topology_is_described(void) {
+    const char * t = getenv("NUMA_MOE_TOPOLOGY");
+    return t && *t && strcmp(t, "host") != 0;
+}
+
+static int binding_forced(void) {
+    const char * t = getenv("NUMA_MOE_FORCE_BIND");
+    return t && strcmp(t, "1") == 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// the ABI
+
+static void test_version(void) {
+    CHECK(strcmp(numa_moe_version(), EXPECTED_VERSION) == 0, "got %s", numa_moe_version());
+}
+
+static void test_result_codes_are_stable(void) {
+    CHECK(NUMA_MOE_RESULT_OK == 0);
+    CHECK(NUMA_MOE_RESULT_NULL_ARGUMENT == 1);
+    CHECK(NUMA_MOE_RESULT_INVALID_ARGUMENT == 2);
+    CHECK(NUMA_MOE_RESULT_INVALID_MAP == 3);
+    CHECK(NUMA_MOE_RESULT_TOPOLOGY_UNAVAILABLE == 4);
+    CHECK(NUMA_MOE_RESULT_NOT_PLACED == 5);
+    CHECK(NUMA_MOE_RESULT_SYSTEM_ERROR == 6);
+    CHECK(NUMA_MOE_RESULT_BUFFER_TOO_SMALL == 7);
+    CHECK(NUMA_MOE_RESULT_PANIC == 255);
+}
+
+static void test_null_arguments(void) {
+    NumaMoeResult r = numa_moe_map_check(NULL, 0);
+    CHECK(r == NUMA_MOE_RESULT_NULL_ARGUMENT, "got %u", (unsigned) r);
+    CHECK(strcmp(last_error(), "map is NULL") == 0, "got '%s'", g_err);
+    CHECK(numa_moe_config_set_map(NULL) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    CHECK(numa_moe_topology_node_count(NULL) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    CHECK(strcmp(last_error(), "out is NULL") == 0, "got '%s'", g_err);
+    CHECK(numa_moe_topology_node_info(0, NULL) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    NumaMoePageReport rep;
+    CHECK(numa_moe_memory_pages_per_node(NULL, 4096, &rep) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    CHECK(numa_moe_memory_pages_per_node((const uint8_t *) &rep, sizeof rep, NULL) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    CHECK(numa_moe_tensor_verify(NULL, &rep) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    size_t n = 0;
+    CHECK(numa_moe_map_render(NULL, NULL, 0, &n) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    CHECK(numa_moe_ggml_attach(NULL) == NULL);
+    CHECK(numa_moe_ggml_supports_op(NULL) == false);
+    CHECK(numa_moe_ggml_work_size(1, NULL, NULL) == false);
+    CHECK(numa_moe_ggml_compute_forward(NULL, NULL) == false);
+}
+
+static void test_last_error_buffer_convention(void) {
+    numa_moe_map_check(NULL, 0);
+    size_t need = numa_moe_last_error(NULL, 0);
+    CHECK(need == strlen("map is NULL"), "got %zu", need);
+    char small[4] = { 'x', 'x', 'x', 'x' };
+    CHECK(numa_moe_last_error(small, sizeof small) == need);
+    CHECK(memcmp(small, "map", 4) == 0, "truncated copy must end in NUL");
+}
+
+static void test_topology_query(void) {
+    size_t n = 0;
+    CHECK(numa_moe_topology_node_count(&n) == NUMA_MOE_RESULT_OK);
+    CHECK(n >= 1);
+    int with_memory = 0;
+    for (size_t i = 0; i < n; i++) {
+        NumaMoeNodeInfo info;
+        CHECK(numa_moe_topology_node_info(i, &info) == NUMA_MOE_RESULT_OK);
+        with_memory += info.has_memory;
+        CHECK(info.has_memory == (info.total_bytes > 0));
+    }
+    CHECK(with_memory >= 1);
+    NumaMoeNodeInfo info;
+    CHECK(numa_moe_topology_node_info(n, &info) == NUMA_MOE_RESULT_INVALID_ARGUMENT);
+    CHECK(strstr(last_error(), "out of range") != NULL, "got '%s'", g_err);
+}
+
+static void test_map_errors_name_the_problem(void) {
+    CHECK(numa_moe_map_check("rows", 0) == NUMA_MOE_RESULT_OK, "%s", last_error());
+    CHECK(numa_moe_map_check("0-7:0,8-15:9", 0) == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(strstr(last_error(), "node 9 does not exist") != NULL, "got '%s'", g_err);
+    CHECK(numa_moe_map_check("0-7:0", 16) == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(strstr(last_error(), "experts 8-15 are not mapped") != NULL, "got '%s'", g_err);
+    CHECK(numa_moe_map_check("0-7:0,8-130:0", 128) == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(strstr(last_error(), "expert 128 is beyond the model") != NULL, "got '%s'", g_err);
+    CHECK(numa_moe_map_check("0-7:0,8-", 0) == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(strstr(last_error(), "expected an expert number, found the end of the map") != NULL, "got '%s'", g_err);
+    CHECK(numa_moe_map_check("", 0) == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(strstr(last_error(), "the expert map is empty") != NULL, "got '%s'", g_err);
+    CHECK(numa_moe_config_set_map("bogus") == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(strstr(last_error(), "unknown policy \"bogus\"") != NULL, "got '%s'", g_err);
+}
+
+static void test_map_render(void) {
+    char buf[64];
+    size_t n = 0;
+    CHECK(numa_moe_map_render(" 0 - 7 : 0 ; ", buf, sizeof buf, &n) == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(numa_moe_map_render(" 0 - 3 : 0 , * : 0 ", buf, sizeof buf, &n) == NUMA_MOE_RESULT_OK, "%s", last_error());
+    CHECK(strcmp(buf, "0-3:0,*:0") == 0 && n == 9, "got '%s' %zu", buf, n);
+    char small[4];
+    CHECK(numa_moe_map_render("0-3:0,*:0", small, sizeof small, &n) == NUMA_MOE_RESULT_BUFFER_TOO_SMALL);
+    CHECK(n == 9 && strstr(last_error(), "needs 10 bytes") != NULL, "got '%s'", g_err);
+}
+
+static void test_pages_per_node(void) {
+    size_t len = 64 * 4096;
+    uint8_t * p = aligned_alloc(4096, len);
+    memset(p, 1, len);
+    NumaMoePageReport rep;
+    CHECK(numa_moe_memory_pages_per_node(p, len, &rep) == NUMA_MOE_RESULT_OK, "%s", last_error());
+    CHECK(rep.resident == 64, "got %" PRIu64, rep.resident);
+    uint64_t sum = 0;
+    for (int i = 0; i < NUMA_MOE_MAX_NODES; i++) {
+        sum += rep.per_node[i];
+    }
+    CHECK(sum == rep.resident);
+    free(p);
+}
+
+// ---------------------------------------------------------------------------------------
+// the buffer type
+
+static ggml_backend_buffer_type_t numa_moe_buft(void) {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    ggml_backend_dev_get_extra_bufts_t get =
+        (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    ggml_backend_buffer_type_t * list = get ? get(dev) : NULL;
+    return list ? list[0] : NULL;
+}
+
+static void test_buffer_type_is_first_and_host(void) {
+    ggml_backend_buffer_type_t b = numa_moe_buft();
+    CHECK(b != NULL);
+    if (!b) {
+        return;
+    }
+    CHECK(strcmp(ggml_backend_buft_name(b), "NUMA_MOE") == 0, "first extra buffer type is %s", ggml_backend_buft_name(b));
+    CHECK(numa_moe_buffer_type() == (void *) b);
+    CHECK(ggml_backend_buft_is_host(b));
+    CHECK(ggml_backend_buft_get_alignment(b) == 4096);
+}
+
+struct experts {
+    struct ggml_context * ctx;
+    ggml_backend_buffer_t buf;
+    struct ggml_tensor *  w;      // [n_embd, n_ff, n_expert]
+    struct ggml_tensor *  plain;  // a 2-D tensor in the same buffer: passes through
+};
+
+// Allocates an expert tensor (and a plain one) in `buft` under map `map`.
+static int experts_alloc(struct experts * e, ggml_backend_buffer_type_t buft, const char * map, enum ggml_type type,
+                         int64_t n_embd, int64_t n_ff, int64_t n_expert) {
+    if (map && numa_moe_config_set_map(map) != NUMA_MOE_RESULT_OK) {
+        fprintf(stderr, "  set_map(%s): %s\n", map, last_error());
+        return 0;
+    }
+    struct ggml_init_params ip = { 4 * ggml_tensor_overhead(), NULL, true };
+    e->ctx   = ggml_init(ip);
+    e->w     = ggml_new_tensor_3d(e->ctx, type, n_embd, n_ff, n_expert);
+    e->plain = ggml_new_tensor_2d(e->ctx, GGML_TYPE_F32, 17, 3);
+    ggml_set_name(e->w, "blk.0.ffn_up_exps.weight");
+    ggml_set_name(e->plain, "blk.0.ffn_norm.weight");
+    e->buf = ggml_backend_alloc_ctx_tensors_from_buft(e->ctx, buft);
+    return e->buf != NULL;
+}
+
+static void experts_free(struct experts * e) {
+    if (e->buf) {
+        ggml_backend_buffer_free(e->buf);
+    }
+    ggml_free(e->ctx);
+    memset(e, 0, sizeof *e);
+}
+
+static const char * layout_maps(int i, int nodes) {
+    // every slice layout: rows, block, explicit, copies on two nodes, mirror, interleave
+    static const char * multi[] = { "rows", "block", "round-robin", "0-2:1,3-5:0,*:1", "0-3:0+1,*:1", "mirror", "interleave", NULL };
+    static const char * one[]   = { "rows", "block", "round-robin", "0-2:0,*:0", "0-3:0,*:0", "mirror", "interleave", NULL };
+    return nodes > 1 ? multi[i] : one[i];
+}
+
+// set/get round trip through every layout, with unaligned writes straddling expert and
+// slice boundaries, memset, and verification of page nodes where memory is bound.
+static void test_round_trip_every_layout(void) {
+    ggml_backend_buffer_type_t buft = numa_moe_buft();
+    const int nodes = node_count();
+    const int64_t n_embd = 1024, n_ff = 96, n_expert = 8;  // rows of 4 KiB (f32)
+    for (int li = 0; layout_maps(li, nodes); li++) {
+        const char * map = layout_maps(li, nodes);
+        struct experts e;
+        if (!experts_alloc(&e, buft, map, GGML_TYPE_F32, n_embd, n_ff, n_expert)) {
+            CHECK(0, "allocation under map %s failed", map);
+            continue;
+        }
+        const size_t nb = ggml_nbytes(e.w);
+        uint8_t * shadow = calloc(1, nb);
+        uint8_t * back   = malloc(nb);
+        uint8_t * tmp    = malloc(nb);
+        ggml_backend_tensor_memset(e.w, 0, 0, nb);
+        for (int k = 0; k < 200; k++) {
+            size_t off = rnd() % nb;
+            size_t len = 1 + rnd() % (k < 100 ? 9000 : 300000);
+            if (off + len > nb) {
+                len = nb - off;
+            }
+            for (size_t i = 0; i < len; i++) {
+                tmp[i] = (uint8_t) rnd();
+            }
+            ggml_backend_tensor_set(e.w, tmp, off, len);
+            memcpy(shadow + off, tmp, len);
+            if (k % 50 == 0) {
+                uint8_t v = (uint8_t) rnd();
+                size_t  mo = rnd() % nb, ml = 1 + rnd() % 20000;
+                if (mo + ml > nb) {
+                    ml = nb - mo;
+                }
+                ggml_backend_tensor_memset(e.w, v, mo, ml);
+                memset(shadow + mo, v, ml);
+            }
+        }
+        ggml_backend_tensor_get(e.w, back, 0, nb);
+        CHECK(memcmp(back, shadow, nb) == 0, "map %s: get_tensor differs from what was written", map);
+        for (int k = 0; k < 50; k++) {
+            size_t off = rnd() % nb, len = 1 + rnd() % 70000;
+            if (off + len > nb) {
+                len = nb - off;
+            }
+            ggml_backend_tensor_get(e.w, back, off, len);
+            CHECK(memcmp(back, shadow + off, len) == 0, "map %s: window %zu+%zu differs", map, off, len);
+        }
+        // the plain tensor passes through unchanged and is not "placed"
+        float pin[51], pout[51];
+        for (int i = 0; i < 51; i++) {
+            pin[i] = (float) i * 0.5f;
+        }
+        ggml_backend_tensor_set(e.plain, pin, 0, sizeof pin);
+        ggml_backend_tensor_get(e.plain, pout, 0, sizeof pout);
+        CHECK(memcmp(pin, pout, sizeof pin) == 0);
+        NumaMoePageReport rep;
+        CHECK(numa_moe_tensor_verify(e.plain, &rep) == NUMA_MOE_RESULT_NOT_PLACED, "map %s", map);
+        CHECK(strstr(last_error(), "is not a placed expert tensor") != NULL, "got '%s'", g_err);
+        if (!topology_is_described()) {
+            CHECK(numa_moe_tensor_verify(e.w, &rep) == NUMA_MOE_RESULT_OK, "%s", last_error());
+            CHECK(rep.misplaced == 0, "map %s: %" PRIu64 " pages off their planned node", map, rep.misplaced);
+            CHECK(rep.resident * 4096 >= nb, "map %s: only %" PRIu64 " pages resident", map, rep.resident);
+        }
+        free(shadow);
+        free(back);
+        free(tmp);
+        experts_free(&e);
+    }
+    numa_moe_config_set_map("off");
+}
+
+// Many buffers alive at once and freed in a different order (several models in one process).
+static void test_alloc_free_cycles(void) {
+    ggml_backend_buffer_type_t buft = numa_moe_buft();
+    struct experts e[6];
+    NumaMoeStats s0, s1;
+    numa_moe_stats_get(&s0);
+    for (int round = 0; round < 3; round++) {
+        for (int i = 0; i < 6; i++) {
+            CHECK(experts_alloc(&e[i], buft, layout_maps(i % 6, node_count()), GGML_TYPE_F16, 256, 64, 8), "%s", last_error());
+            float v = (float) (i + round);
+            ggml_fp16_t h = ggml_fp32_to_fp16(v);
+            for (int64_t j = 0; j < ggml_nelements(e[i].w); j += 97) {
+                ggml_backend_tensor_set(e[i].w, &h, j * 2, 2);
+            }
+        }
+        for (int i = 5; i >= 0; i -= 2) {
+            experts_free(&e[i]);
+        }
+        for (int i = 0; i < 6; i += 2) {
+            ggml_fp16_t h;
+            ggml_backend_tensor_get(e[i].w, &h, 97 * 2, 2);
+            CHECK(ggml_fp16_to_fp32(h) == (float) (i + round));
+            experts_free(&e[i]);
+        }
+    }
+    numa_moe_stats_get(&s1);
+    CHECK(s1.tensors_placed == s0.tensors_placed && s1.bytes_placed == s0.bytes_placed, "freed buffers must release their tensors");
+    numa_moe_config_set_map("off");
+}
+
+// A map whose node the kernel refuses (a described 2-node machine bound on a 1-node host):
+// strict stops the allocation with a message naming tensor, size and node; fallback warns
+// and keeps every byte.
+static void test_bind_failure_strict_and_fallback(void) {
+    if (!binding_forced() || node_count() < 2) {
+        printf("  (skipped: needs NUMA_MOE_FORCE_BIND=1 and a described machine with more nodes than the host)\n");
+        return;
+    }
+    ggml_backend_buffer_type_t buft = numa_moe_buft();
+    struct experts e;
+    CHECK(numa_moe_config_set_strict(true) == NUMA_MOE_RESULT_OK);
+    CHECK(!experts_alloc(&e, buft, "0-3:1,*:0", GGML_TYPE_F32, 1024, 16, 8), "strict allocation should fail");
+    CHECK(strstr(last_error(), "cannot bind") && strstr(last_error(), "blk.0.ffn_up_exps.weight") &&
+              strstr(last_error(), "to node 1") && strstr(last_error(), "mbind failed"),
+          "got '%s'", g_err);
+    experts_free(&e);
+    CHECK(numa_moe_config_set_strict(false) == NUMA_MOE_RESULT_OK);
+    CHECK(experts_alloc(&e, buft, "0-3:1,*:0", GGML_TYPE_F32, 1024, 16, 8), "fallback allocation should succeed");
+    if (e.buf) {
+        size_t    nb = ggml_nbytes(e.w);
+        uint8_t * a  = malloc(nb);
+        uint8_t * b  = malloc(nb);
+        for (size_t i = 0; i < nb; i++) {
+            a[i] = (uint8_t) rnd();
+        }
+        ggml_backend_tensor_set(e.w, a, 0, nb);
+        ggml_backend_tensor_get(e.w, b, 0, nb);
+        CHECK(memcmp(a, b, nb) == 0, "fallback must keep the data");
+        free(a);
+        free(b);
+    }
+    experts_free(&e);
+    numa_moe_config_set_map("off");
+}
+
+// ---------------------------------------------------------------------------------------
+// mul_mat_id: bit-identical to ggml-cpu's stock kernel on a plain CPU buffer
+
+struct mmid_case {
+    enum ggml_type type;
+    int64_t        n_embd, n_ff, n_expert, n_used, n_tokens;
+    int            broadcast;  // src1 has one row per token (gate/up) instead of one per slot (down)
+};
+
+static void fill_weights(struct ggml_tensor * w, uint8_t * out) {
+    const int64_t n_per_row = w->ne[0];
+    const int64_t nrows     = w->ne[1] * w->ne[2];
+    float *       src       = malloc(sizeof(float) * n_per_row * nrows);
+    for (int64_t i = 0; i < n_per_row * nrows; i++) {
+        src[i] = rnd_normal() * 0.1f;
+    }
+    float * imatrix = NULL;
+    if (ggml_quantize_requires_imatrix(w->type)) {
+        imatrix = malloc(sizeof(float) * n_per_row);
+        for (int64_t i = 0; i < n_per_row; i++) {
+            imatrix[i] = 1.0f;
+        }
+    }
+    if (w->type == GGML_TYPE_F32) {
+        memcpy(out, src, ggml_nbytes(w));
+    } else {
+        ggml_quantize_chunk(w->type, src, out, 0, nrows, n_per_row, imatrix);
+    }
+    free(imatrix);
+    free(src);
+}
+
+// Runs the op with the weights in `buft`; returns the output (caller frees).
+static float * run_mmid(const struct mmid_case * c, ggml_backend_buffer_type_t buft, const uint8_t * wbytes,
+                        const float * act, const int32_t * ids, int n_threads, const char * map) {
+    struct experts e;
+    if (!experts_alloc(&e, buft, map, c->type, c->n_embd, c->n_ff, c->n_expert)) {
+        return NULL;
+    }
+    ggml_backend_tensor_set(e.w, wbytes, 0, ggml_nbytes(e.w));
+
+    const int64_t ne11 = c->broadcast ? 1 : c->n_used;
+    struct ggml_init_params ip = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
+    struct ggml_context * ctx  = ggml_init(ip);
+    struct ggml_tensor *  b    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, ne11, c->n_tokens);
+    struct ggml_tensor *  id   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, c->n_used, c->n_tokens);
+    memcpy(b->data, act, ggml_nbytes(b));
+    memcpy(id->data, ids, ggml_nbytes(id));
+    struct ggml_tensor * out = ggml_mul_mat_id(ctx, e.w, b, id);
+    struct ggml_cgraph * gf  = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+
+    ggml_backend_t be = ggml_backend_cpu_init();
+    ggml_backend_cpu_set_n_threads(be, n_threads);
+    enum ggml_status st = ggml_backend_graph_compute(be, gf);
+    float *          res = NULL;
+    if (st == GGML_STATUS_SUCCESS) {
+        res = malloc(ggml_nbytes(out));
+        memcpy(res, out->data, ggml_nbytes(out));
+    }
+    ggml_backend_free(be);
+    ggml_free(ctx);
+    experts_free(&e);
+    return res;
+}
+
+static int mmid_identical(const struct mmid_case * c, const char * const * maps, const int * threads) {
+    const int64_t ne11 = c->broadcast ? 1 : c->n_used;
+    struct ggml_init_params ip = { ggml_tensor_overhead(), NULL, true };
+    struct ggml_context * meta = ggml_init(ip);
+    struct ggml_tensor * wt = ggml_new_tensor_3d(meta, c->type, c->n_embd, c->n_ff, c->n_expert);
+    uint8_t * wbytes = malloc(ggml_nbytes(wt));
+    fill_weights(wt, wbytes);
+    float * act = malloc(sizeof(float) * c->n_embd * ne11 * c->n_tokens);
+    for (int64_t i = 0; i < c->n_embd * ne11 * c->n_tokens; i++) {
+        act[i] = rnd_normal();
+    }
+    int32_t * ids = malloc(sizeof(int32_t) * c->n_used * c->n_tokens);
+    for (int64_t t = 0; t < c->n_tokens; t++) {
+        // distinct experts per token, skewed towards low numbers like real routing
+        for (int64_t s = 0; s < c->n_used; s++) {
+            int32_t x;
+            int     dup;
+            do {
+                x   = (int32_t) ((rnd() % 3 == 0) ? rnd() % 3 : rnd() % c->n_expert);
+                dup = 0;
+                for (int64_t q = 0; q < s; q++) {
+                    dup |= ids[t * c->n_used + q] == x;
+                }
+            } while (dup);
+            ids[t * c->n_used + s] = x;
+        }
+    }
+    const size_t out_bytes = sizeof(float) * c->n_ff * c->n_used * c->n_tokens;
+    int ok = 1;
+    NumaMoeStats before, after;
+    for (int ti = 0; threads[ti]; ti++) {
+        float * ref = run_mmid(c, ggml_backend_cpu_buffer_type(), wbytes, act, ids, threads[ti], NULL);
+        CHECK(ref != NULL);
+        for (int mi = 0; maps[mi] && ref; mi++) {
+            numa_moe_stats_get(&before);
+            float * got = run_mmid(c, numa_moe_buft(), wbytes, act, ids, threads[ti], maps[mi]);
+            CHECK(got != NULL, "map %s: %s", maps[mi], last_error());
+            numa_moe_stats_get(&after);
+            // interleave is computed by ggml's own kernel; every other layout by numa-moe's hook
+            const int hooked = strcmp(maps[mi], "interleave") != 0;
+            CHECK(after.ops_computed - before.ops_computed == (uint64_t) hooked, "map %s: the hook computed %" PRIu64 " ops",
+                  maps[mi], after.ops_computed - before.ops_computed);
+            CHECK(after.ops_declined == before.ops_declined, "map %s: the hook declined", maps[mi]);
+            if (got && memcmp(ref, got, out_bytes) != 0) {
+                size_t i = 0;
+                while (i < out_bytes / 4 && memcmp(&ref[i], &got[i], 4) == 0) {
+                    i++;
+                }
+                CHECK(0, "%s %" PRId64 " tokens, %d threads, map %s: output %zu differs (%g vs %g)", ggml_type_name(c->type),
+                      c->n_tokens, threads[ti], maps[mi], i, (double) ref[i], (double) got[i]);
+                ok = 0;
+            }
+            free(got);
+        }
+        free(ref);
+    }
+    numa_moe_config_set_map("off");
+    free(ids);
+    free(act);
+    free(wbytes);
+    ggml_free(meta);
+    return ok;
+}
+
+static const char * const * compute_maps(void) {
+    static const char * multi[] = { "rows", "block", "0-2:1,3-5:0,*:1", "0-3:0+1,*:1", "mirror", "interleave", NULL };
+    static const char * one[]   = { "rows", "block", "0-2:0,*:0", "mirror", "interleave", NULL };
+    return node_count() > 1 ? multi : one;
+}
+
+static const enum ggml_type k_types[] = {
+    GGML_TYPE_F32,  GGML_TYPE_F16,  GGML_TYPE_BF16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1,   GGML_TYPE_Q5_0,
+    GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_Q2_K, GGML_TYPE_Q3_K, GGML_TYPE_Q4_K,   GGML_TYPE_Q5_K,
+    GGML_TYPE_Q6_K, GGML_TYPE_IQ2_XS, GGML_TYPE_IQ4_XS, GGML_TYPE_IQ4_NL, GGML_TYPE_MXFP4,
+};
+
+static void test_mmid_decode_every_type(void) {
+    const int threads[] = { 2, 0 };
+    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++) {
+        struct mmid_case c = { k_types[i], 256, 64, 8, 4, 1, 1 };
+        mmid_identical(&c, compute_maps(), threads);
+    }
+}
+
+static void test_mmid_small_batches(void) {
+    const int threads[] = { 1, 3, 0 };
+    const enum ggml_type types[] = { GGML_TYPE_Q8_0, GGML_TYPE_Q4_K, GGML_TYPE_F16, GGML_TYPE_IQ4_XS };
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        for (int64_t n = 2; n <= 16; n += 7) {
+            struct mmid_case c = { types[i], 256, 96, 8, 4, n, (int) (n % 2) };
+            mmid_identical(&c, compute_maps(), threads);
+        }
+    }
+}
+
+// Prefill: experts receive many rows, so K-quants take ggml's tiled kernel in stock.
+static void test_mmid_prefill(void) {
+    const int threads[] = { 2, 4, 0 };
+    const enum ggml_type types[] = { GGML_TYPE_Q4_K, GGML_TYPE_Q6_K, GGML_TYPE_Q8_0, GGML_TYPE_BF16, GGML_TYPE_MXFP4 };
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        struct mmid_case c = { types[i], 256, 160, 8, 4, 512, 1 };
+        mmid_identical(&c, compute_maps(), threads);
+        struct mmid_case d = { types[i], 256, 160, 8, 4, 64, 0 };
+        mmid_identical(&d, compute_maps(), threads);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+
+struct test {
+    const char * name;
+    void (*fn)(void);
+};
+
+static const struct test k_tests[] = {
+    { "abi_version", test_version },
+    { "abi_result_codes", test_result_codes_are_stable },
+    { "abi_null_arguments", test_null_arguments },
+    { "abi_last_error", test_last_error_buffer_convention },
+    { "abi_topology", test_topology_query },
+    { "abi_map_errors", test_map_errors_name_the_problem },
+    { "abi_map_render", test_map_render },
+    { "abi_pages_per_node", test_pages_per_node },
+    { "buffer_type", test_buffer_type_is_first_and_host },
+    { "buffer_round_trip", test_round_trip_every_layout },
+    { "buffer_cycles", test_alloc_free_cycles },
+    { "buffer_bind_failure", test_bind_failure_strict_and_fallback },
+    { "mmid_decode", test_mmid_decode_every_type },
+    { "mmid_batches", test_mmid_small_batches },
+    { "mmid_prefill", test_mmid_prefill },
+};
+
+static void quiet_log(enum ggml_log_level level, const char * text, void * user) {
+    (void) user;
+    if (level >= GGML_LOG_LEVEL_WARN || getenv("HARNESS_VERBOSE")) {
+        fputs(text, stderr);
+    }
+}
+
+int main(int argc, char ** argv) {
+    ggml_log_set(quiet_log, NULL);
+    ggml_cpu_init();
+    int passed = 0, failed = 0;
+    for (size_t i = 0; i < sizeof k_tests / sizeof k_tests[0]; i++) {
+        int selected = argc < 2;
+        for (int a = 1; a < argc; a++) {
+            selected |= strncmp(k_tests[i].name, argv[a], strlen(argv[a])) == 0;
+        }
+        if (!selected) {
+            continue;
+        }
+        g_ok = 1;
+        k_tests[i].fn();
+        printf("%s %s\n", g_ok ? "ok  " : "FAIL", k_tests[i].name);
+        fflush(stdout);
+        if (g_ok) {
+            passed++;
+        } else {
+            failed++;
+        }
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
