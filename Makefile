@@ -15,7 +15,7 @@ VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 CFLAGS_T   := -O2 -g -Wall -Wextra -Werror -std=c11
 export NUMA_MOE_LLAMA_SRC := $(LLAMA_SRC)
 
-.PHONY: help setup source llama lib header header-check harness models \
+.PHONY: help setup source llama lib header header-check harness greedy models \
         test test-rust test-c test-e2e test-numa demo bench clean
 
 help:
@@ -53,6 +53,13 @@ $(ROOT)/build/c/harness: tests/c/harness.c include/numa_moe.h lib llama
 
 harness: $(ROOT)/build/c/harness
 
+# the end-to-end driver: greedy tokens and logits hashes through llama.cpp's C API
+$(ROOT)/build/greedy: tests/e2e/greedy.c llama
+	$(CC) $(CFLAGS_T) -I$(LLAMA_SRC)/include -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lllama -lggml-base \
+	    -Wl,-rpath,$(LLAMA_BIN)
+
+greedy: $(ROOT)/build/greedy
+
 $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 	$(CC) -O2 -Wall -Wextra -Werror -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lggml-base -lggml \
 	    -Wl,-rpath,$(LLAMA_BIN) -lm -lpthread
@@ -61,7 +68,7 @@ $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 models: llama $(ROOT)/build/make-moe-model
 	@scripts/models.sh
 
-test: setup llama header-check
+test: setup llama header-check harness greedy models
 	@scripts/test.sh all
 
 test-rust: source
@@ -70,10 +77,10 @@ test-rust: source
 test-c: harness
 	@scripts/test.sh c
 
-test-e2e: lib llama models
+test-e2e: lib llama greedy models
 	@scripts/test.sh e2e
 
-test-numa: lib llama harness models
+test-numa: lib llama harness greedy models
 	@scripts/test.sh numa
 
 demo: setup llama lib models

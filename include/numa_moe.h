@@ -91,6 +91,14 @@ typedef struct NumaMoeStats {
    * Their bytes, over all copies.
    */
   uint64_t bytes_placed;
+  /**
+   * Times a pinned worker thread was checked against its planned node during an op.
+   */
+  uint64_t workers_checked;
+  /**
+   * Times one was found running on another node (0 unless something overrides affinity).
+   */
+  uint64_t workers_off_node;
 } NumaMoeStats;
 
 /**
@@ -306,6 +314,14 @@ NumaMoeResult numa_moe_topology_node_count(size_t *out);
  * `out` must be valid for writes.
  */
 NumaMoeResult numa_moe_topology_node_info(size_t index, struct NumaMoeNodeInfo *out);
+
+/**
+ * The SLIT distance between the nodes at positions `from` and `to` (10 = local).
+ *
+ * # Safety
+ * `out` must be valid for writes.
+ */
+NumaMoeResult numa_moe_topology_distance(size_t from, size_t to, uint32_t *out);
 
 /**
  * Counts where the pages of `addr .. addr+len` are (any memory of this process).

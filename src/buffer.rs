@@ -177,6 +177,7 @@ impl NumaBuffer {
                     &format!("numa-moe: warning: {msg}; using preferred (not bound) placement for such tensors"),
                 );
                 strictness = Strictness::Preferred;
+                degraded = Some(format!("{msg}; preferred (not bound) placement"));
                 for &(n, b) in &loads[..i] {
                     rt.reserve_unchecked(n, b);
                 }
@@ -193,7 +194,7 @@ impl NumaBuffer {
             for e in &plan.copies[0].extents {
                 if let Err(err) = self.region.bind(offset + e.offset as usize..offset + (e.offset + e.len) as usize, &e.binding, strictness) {
                     let msg = format!(
-                        "cannot bind {} of {} ({}) to {}: {err}",
+                        "cannot bind {} of {} (from {}) to {}: {err}",
                         format_gib(e.len),
                         info.name,
                         describe_extent(&plan, e.offset),
@@ -402,7 +403,13 @@ impl NumaBuffer {
                     Binding::Node(n) if !degraded => Some(*n),
                     _ => None,
                 };
-                total.merge(&memory::page_report(base as usize + e.offset as usize, e.len as usize, planned)?);
+                let mut r = memory::page_report(base as usize + e.offset as usize, e.len as usize, planned)?;
+                if let Some((off, want, got)) = r.first_misplaced.take() {
+                    let at = e.offset + off.parse::<u64>().unwrap_or(0);
+                    let copy = if k == 0 { String::new() } else { format!(" (copy for node {})", c.node.unwrap_or(0)) };
+                    r.first_misplaced = Some((format!("{}{copy} at byte {at} ({})", p.plan.tensor.name, describe_extent(&p.plan, at)), want, got));
+                }
+                total.merge(&r);
             }
         }
         Ok(total)
@@ -432,9 +439,9 @@ impl NumaBuffer {
                         nodes.join(", ")
                     ));
                 } else {
-                    let (off, want, got) = r.first_misplaced.unwrap_or_default();
+                    let (at, want, got) = r.first_misplaced.clone().unwrap_or_default();
                     crate::log::warn(&format!(
-                        "numa-moe: warning: {} of {} expert pages are off their planned node ({}); first at offset {off}: planned node {want}, found on node {got}",
+                        "numa-moe: warning: {} of {} expert pages are off their planned node ({}); the first is {at}: planned node {want}, found on node {got}",
                         r.misplaced,
                         r.resident(),
                         nodes.join(", ")
@@ -471,5 +478,5 @@ fn describe_extent(plan: &TensorPlan, offset: u64) -> String {
     let eb = plan.tensor.expert_bytes();
     let e = offset / eb;
     let row = (offset % eb) / plan.tensor.row_bytes;
-    format!("from expert {e} row {row}")
+    format!("expert {e}, row {row}")
 }

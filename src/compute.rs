@@ -28,6 +28,10 @@ use crate::topology::Topology;
 /// MUL_MAT_ID ops over placed weights: computed here, or left to ggml-cpu's stock kernel.
 pub static OPS_COMPUTED: AtomicU64 = AtomicU64::new(0);
 pub static OPS_DECLINED: AtomicU64 = AtomicU64::new(0);
+/// Pinned worker threads checked against their planned node (each op), and those found
+/// running elsewhere.
+pub static WORKERS_CHECKED: AtomicU64 = AtomicU64::new(0);
+pub static WORKERS_OFF_NODE: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// The (thread count, node) this thread last pinned itself for.
@@ -89,6 +93,7 @@ fn thread_node(rt: &Runtime, api: &Api, ith: usize, nth: usize) -> u32 {
     // The main thread (ith 0) is llama.cpp's own thread: pinning it would outlive the op and
     // be inherited by threads it starts later, so it only reports where it runs.
     let ours = rt.settings().pin == PinMode::Auto && !api.is_numa() && topo.compute_nodes().len() > 1 && ith != 0;
+    let mut planned = None;
     if ours {
         PINNED.with(|p| {
             if p.get().map(|(n, _)| n) != Some(nth) {
@@ -100,12 +105,20 @@ fn thread_node(rt: &Runtime, api: &Api, ith: usize, nth: usize) -> u32 {
                     p.set(Some((nth, slot.node)));
                 }
             }
+            planned = p.get().map(|(_, n)| n);
         });
     }
-    match crate::sys::getcpu() {
+    let node = match crate::sys::getcpu() {
         Ok((_, node)) if topo.node(node).is_some() => node,
         _ => topo.node_ids()[0],
+    };
+    if let Some(want) = planned {
+        WORKERS_CHECKED.fetch_add(1, Ordering::Relaxed);
+        if want != node {
+            WORKERS_OFF_NODE.fetch_add(1, Ordering::Relaxed);
+        }
     }
+    node
 }
 
 /// Work buffer bytes for the op with `n_threads` threads.

@@ -180,8 +180,9 @@ pub struct PageReport {
     pub absent: u64,
     /// Resident pages on another node than planned.
     pub misplaced: u64,
-    /// The first misplaced page: (offset, planned node, actual node).
-    pub first_misplaced: Option<(usize, u32, u32)>,
+    /// The first misplaced page: (where, planned node, actual node). `where` is the byte
+    /// offset from the start of the queried range, or a description the caller made of it.
+    pub first_misplaced: Option<(String, u32, u32)>,
 }
 
 impl PageReport {
@@ -196,16 +197,18 @@ impl PageReport {
         self.absent += other.absent;
         self.misplaced += other.misplaced;
         if self.first_misplaced.is_none() {
-            self.first_misplaced = other.first_misplaced;
+            self.first_misplaced = other.first_misplaced.clone();
         }
     }
 }
 
-/// Queries the node of every page in `addr..addr+len` (rounded out to pages) and compares
-/// each resident page with `planned(page_offset_from_addr)`; `None` means no expectation.
+/// Queries the node of every page whose first byte lies in `addr..addr+len` (the page rule
+/// the binding follows: a page straddling two ranges belongs to the one holding its first
+/// byte) and compares each resident page with `planned(offset of its first byte from addr)`;
+/// `None` means no expectation.
 pub fn page_report(addr: usize, len: usize, planned: impl Fn(usize) -> Option<u32>) -> Result<PageReport, SysError> {
     let page = sys::page_size();
-    let start = addr / page * page;
+    let start = addr.div_ceil(page) * page;
     let end = (addr + len).div_ceil(page) * page;
     let mut report = PageReport::default();
     const BATCH: usize = 1 << 16;
@@ -218,17 +221,16 @@ pub fn page_report(addr: usize, len: usize, planned: impl Fn(usize) -> Option<u3
         pages.extend((0..n).map(|i| (p + i * page) as *const u8));
         sys::page_nodes(&pages, &mut status[..n])?;
         for (i, &s) in status[..n].iter().enumerate() {
-            let off = p + i * page - start;
             if s < 0 {
                 report.absent += 1;
                 continue;
             }
             *report.per_node.entry(s as u32).or_default() += 1;
-            let first_byte = (p + i * page).max(addr) - addr;
+            let first_byte = p + i * page - addr;
             if let Some(want) = planned(first_byte) {
                 if want != s as u32 {
                     report.misplaced += 1;
-                    report.first_misplaced.get_or_insert((off, want, s as u32));
+                    report.first_misplaced.get_or_insert((first_byte.to_string(), want, s as u32));
                 }
             }
         }

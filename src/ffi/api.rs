@@ -74,6 +74,10 @@ pub struct NumaMoeStats {
     pub tensors_placed: u64,
     /// Their bytes, over all copies.
     pub bytes_placed: u64,
+    /// Times a pinned worker thread was checked against its planned node during an op.
+    pub workers_checked: u64,
+    /// Times one was found running on another node (0 unless something overrides affinity).
+    pub workers_off_node: u64,
 }
 
 /// Reads the counters into `*out`.
@@ -91,6 +95,8 @@ pub unsafe extern "C" fn numa_moe_stats_get(out: *mut NumaMoeStats) -> NumaMoeRe
             ops_declined: crate::compute::OPS_DECLINED.load(Relaxed),
             tensors_placed: crate::buffer::PLACED_TENSORS.load(Relaxed),
             bytes_placed: crate::buffer::PLACED_BYTES.load(Relaxed),
+            workers_checked: crate::compute::WORKERS_CHECKED.load(Relaxed),
+            workers_off_node: crate::compute::WORKERS_OFF_NODE.load(Relaxed),
         };
         Ok(())
     })
@@ -225,6 +231,25 @@ pub unsafe extern "C" fn numa_moe_topology_node_info(index: usize, out: *mut Num
             total_bytes: n.total_bytes,
             free_bytes: n.free_bytes.unwrap_or(0),
         };
+        Ok(())
+    })
+}
+
+/// The SLIT distance between the nodes at positions `from` and `to` (10 = local).
+///
+/// # Safety
+/// `out` must be valid for writes.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_topology_distance(from: usize, to: usize, out: *mut u32) -> NumaMoeResult {
+    boundary("numa_moe_topology_distance", || {
+        // SAFETY: forwarded from this function's contract.
+        let out = unsafe { arg_out(out, "out") }?;
+        let topo = &rt()?.topology;
+        let ids = topo.node_ids();
+        let (Some(&a), Some(&b)) = (ids.get(from), ids.get(to)) else {
+            return Err(Fail::new(NumaMoeResult::InvalidArgument, format!("node index out of range (the machine has {} nodes)", ids.len())));
+        };
+        *out = topo.distance(a, b);
         Ok(())
     })
 }

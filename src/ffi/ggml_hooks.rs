@@ -74,9 +74,11 @@ fn announce(_api: &Api) {
         Ok(rt) => {
             let s = rt.settings();
             let nodes = rt.topology.compute_nodes().len();
-            let what = if let Some(e) = rt.pending_error() {
-                format!("configuration error, model loads will stop: {e}")
-            } else if rt.placement_active() {
+            if let Some(e) = rt.pending_error() {
+                crate::log::error(&format!("numa-moe: configuration error, model loads will stop: {e}"));
+                return;
+            }
+            let what = if rt.placement_active() {
                 format!("expert map \"{}\" ({})", s.map.render(), s.map_origin)
             } else if nodes <= 1 {
                 "one NUMA node: experts stay on llama.cpp's own path (give --numa-expert-map to place them anyway)".into()
@@ -117,8 +119,8 @@ unsafe extern "C" fn buft_is_host(_: *mut raw::ggml_backend_buffer_type) -> bool
 unsafe extern "C" fn buft_alloc_buffer(buft: *mut raw::ggml_backend_buffer_type, size: usize) -> *mut raw::ggml_backend_buffer {
     boundary_value("alloc_buffer", std::ptr::null_mut(), || {
         let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return std::ptr::null_mut() };
-        if let Some(e) = rt.take_pending_error() {
-            crate::log::error(&format!("numa-moe: {e}"));
+        if rt.take_pending_error().is_some() {
+            crate::log::error("numa-moe: stopping the load because of the expert map error above");
             return std::ptr::null_mut();
         }
         let buf = match NumaBuffer::new(rt, size) {

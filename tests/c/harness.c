@@ -252,6 +252,7 @@ static void experts_free(struct experts * e) {
     memset(e, 0, sizeof *e);
 }
 
+// In guests with a memory-less node (the last one), maps must avoid it: use the first two.
 static const char * layout_maps(int i, int nodes) {
     // every slice layout: rows, block, explicit, copies on two nodes, mirror, interleave
     static const char * multi[] = { "rows", "block", "round-robin", "0-2:1,3-5:0,*:1", "0-3:0+1,*:1", "mirror", "interleave", NULL };
@@ -571,6 +572,189 @@ static void test_mmid_prefill(void) {
 }
 
 // ---------------------------------------------------------------------------------------
+// inside a QEMU NUMA guest (tests/numa-vm): NUMA_VM_EXPECT describes what QEMU was told,
+// "id:cpus:mib:d0,d1,...;..." per node
+
+struct expect_node {
+    int      id, n_cpus, mib;
+    int      dist[16];
+};
+
+static int parse_expect(struct expect_node * out, int max) {
+    const char * e = getenv("NUMA_VM_EXPECT");
+    if (!e || !*e) {
+        return -1;
+    }
+    int n = 0;
+    while (*e && n < max) {
+        struct expect_node * x = &out[n];
+        memset(x, 0, sizeof *x);
+        char cpus[64] = { 0 }, dist[128] = { 0 };
+        if (sscanf(e, "%d:%63[^:]:%d:%127[^;]", &x->id, cpus, &x->mib, dist) != 4) {
+            return -2;
+        }
+        // count CPUs in a list like 0-1,4
+        for (char * tok = strtok(cpus, ","); tok; tok = strtok(NULL, ",")) {
+            int a, b;
+            if (sscanf(tok, "%d-%d", &a, &b) == 2) {
+                x->n_cpus += b - a + 1;
+            } else {
+                x->n_cpus += 1;
+            }
+        }
+        int k = 0;
+        for (char * tok = strtok(dist, ","); tok && k < 16; tok = strtok(NULL, ",")) {
+            x->dist[k++] = atoi(tok);
+        }
+        n++;
+        e = strchr(e, ';');
+        if (!e) {
+            break;
+        }
+        e++;
+    }
+    return n;
+}
+
+static int in_guest(void) {
+    if (!getenv("NUMA_VM_EXPECT")) {
+        printf("  (skipped: runs inside the QEMU NUMA guests, tests/numa-vm)\n");
+        return 0;
+    }
+    return 1;
+}
+
+static void test_numa_topology_matches_the_machine(void) {
+    struct expect_node ex[16];
+    if (!in_guest()) {
+        return;
+    }
+    int n = parse_expect(ex, 16);
+    CHECK(n == node_count(), "QEMU was told %d nodes, numa-moe sees %d", n, node_count());
+    const char * restricted = getenv("HARNESS_CPUS_RESTRICTED");
+    for (int i = 0; i < n && i < node_count(); i++) {
+        NumaMoeNodeInfo info;
+        CHECK(numa_moe_topology_node_info((size_t) i, &info) == NUMA_MOE_RESULT_OK);
+        CHECK((int) info.id == ex[i].id, "node %d is %u", ex[i].id, info.id);
+        if (!restricted) {
+            CHECK((int) info.n_cpus == ex[i].n_cpus, "node %d: %u cpus, QEMU gave %d", ex[i].id, info.n_cpus, ex[i].n_cpus);
+        }
+        CHECK(info.has_memory == (ex[i].mib > 0), "node %d: has_memory %d, QEMU gave %d MiB", ex[i].id, info.has_memory, ex[i].mib);
+        if (ex[i].mib > 0) {
+            uint64_t mib = info.total_bytes >> 20;
+            CHECK(mib <= (uint64_t) ex[i].mib && mib >= (uint64_t) ex[i].mib / 2, "node %d: %" PRIu64 " MiB, QEMU gave %d",
+                  ex[i].id, mib, ex[i].mib);
+        }
+        for (int j = 0; j < n; j++) {
+            uint32_t d = 0;
+            CHECK(numa_moe_topology_distance((size_t) i, (size_t) j, &d) == NUMA_MOE_RESULT_OK);
+            CHECK((int) d == ex[i].dist[j], "distance %d->%d is %u, QEMU gave %d", i, j, d, ex[i].dist[j]);
+        }
+    }
+}
+
+static void test_numa_bad_maps_name_absent_and_memoryless_nodes(void) {
+    struct expect_node ex[16];
+    if (!in_guest()) {
+        return;
+    }
+    int n = parse_expect(ex, 16);
+    char map[64];
+    snprintf(map, sizeof map, "0:%d,*:0", n + 3);
+    CHECK(numa_moe_config_set_map(map) == NUMA_MOE_RESULT_INVALID_MAP);
+    char want[64];
+    snprintf(want, sizeof want, "node %d does not exist", n + 3);
+    CHECK(strstr(last_error(), want) != NULL, "got '%s'", g_err);
+    for (int i = 0; i < n; i++) {
+        if (ex[i].mib == 0) {
+            snprintf(map, sizeof map, "rows@0,%d", ex[i].id);
+            CHECK(numa_moe_config_set_map(map) == NUMA_MOE_RESULT_INVALID_MAP);
+            snprintf(want, sizeof want, "node %d has no memory", ex[i].id);
+            CHECK(strstr(last_error(), want) != NULL, "got '%s'", g_err);
+        }
+    }
+    numa_moe_config_set_map("off");
+}
+
+// A node too small for what the map puts on it: strict stops with the node and the shortfall;
+// fallback warns, places what fits there (preferred policy) and keeps every byte.
+static void test_numa_node_out_of_memory(void) {
+    struct expect_node ex[16];
+    if (!in_guest()) {
+        return;
+    }
+    int n = parse_expect(ex, 16), small = -1;
+    for (int i = 0; i < n; i++) {
+        if (ex[i].mib > 0 && ex[i].mib <= 256 && (small < 0 || ex[i].mib < ex[small].mib)) {
+            small = i;
+        }
+    }
+    if (small < 0) {
+        printf("  (skipped: no node of 256 MiB or less in this scenario)\n");
+        return;
+    }
+    ggml_backend_buffer_type_t buft = numa_moe_buft();
+    // experts of 1 MiB each, 1.5x the node's memory in all
+    const int64_t n_expert = ex[small].mib * 3 / 2;
+    char map[64];
+    snprintf(map, sizeof map, "*:%d", ex[small].id);
+    struct experts e;
+    CHECK(numa_moe_config_set_strict(true) == NUMA_MOE_RESULT_OK);
+    CHECK(!experts_alloc(&e, buft, map, GGML_TYPE_F32, 1024, 256, n_expert), "strict allocation should fail");
+    char want[96];
+    snprintf(want, sizeof want, "cannot place blk.0.ffn_up_exps.weight on node %d", ex[small].id);
+    CHECK(strstr(last_error(), want) && strstr(last_error(), "short)"), "got '%s'", g_err);
+    experts_free(&e);
+    CHECK(numa_moe_config_set_strict(false) == NUMA_MOE_RESULT_OK);
+    CHECK(experts_alloc(&e, buft, map, GGML_TYPE_F32, 1024, 256, n_expert), "fallback allocation should succeed: %s", last_error());
+    if (e.buf) {
+        const size_t chunk = 1 << 20;
+        uint8_t *    a     = malloc(chunk);
+        uint8_t *    b     = malloc(chunk);
+        for (int64_t x = 0; x < n_expert; x++) {
+            memset(a, (int) (x * 7 + 1), chunk);
+            ggml_backend_tensor_set(e.w, a, (size_t) x * chunk, chunk);
+        }
+        int ok = 1;
+        for (int64_t x = 0; x < n_expert && ok; x++) {
+            memset(a, (int) (x * 7 + 1), chunk);
+            ggml_backend_tensor_get(e.w, b, (size_t) x * chunk, chunk);
+            ok = memcmp(a, b, chunk) == 0;
+        }
+        CHECK(ok, "fallback must keep every byte");
+        NumaMoePageReport rep;
+        CHECK(numa_moe_tensor_verify(e.w, &rep) == NUMA_MOE_RESULT_OK);
+        CHECK(rep.per_node[ex[small].id] > 0, "the small node should still hold what fits");
+        CHECK(rep.resident > rep.per_node[ex[small].id], "the rest spills to other nodes");
+        free(a);
+        free(b);
+    }
+    experts_free(&e);
+    numa_moe_config_set_map("off");
+}
+
+// After the mul_mat_id tests: every worker numa-moe pinned ran on its planned node.
+static void test_numa_workers_run_on_their_node(void) {
+    if (!in_guest()) {
+        return;
+    }
+    NumaMoeStats st;
+    CHECK(numa_moe_stats_get(&st) == NUMA_MOE_RESULT_OK);
+    int with_cpus = 0;
+    for (int i = 0; i < node_count(); i++) {
+        NumaMoeNodeInfo info;
+        numa_moe_topology_node_info((size_t) i, &info);
+        with_cpus += info.n_cpus > 0 && info.has_memory;
+    }
+    if (with_cpus > 1) {
+        CHECK(st.workers_checked > 0, "no worker was checked: did the mul_mat_id tests run?");
+    }
+    CHECK(st.workers_off_node == 0, "%" PRIu64 " of %" PRIu64 " worker checks found a thread off its node", st.workers_off_node,
+          st.workers_checked);
+    printf("  %" PRIu64 " worker checks, %" PRIu64 " off their node\n", st.workers_checked, st.workers_off_node);
+}
+
+// ---------------------------------------------------------------------------------------
 
 struct test {
     const char * name;
@@ -593,6 +777,10 @@ static const struct test k_tests[] = {
     { "mmid_decode", test_mmid_decode_every_type },
     { "mmid_batches", test_mmid_small_batches },
     { "mmid_prefill", test_mmid_prefill },
+    { "numa_topology", test_numa_topology_matches_the_machine },
+    { "numa_bad_maps", test_numa_bad_maps_name_absent_and_memoryless_nodes },
+    { "numa_out_of_memory", test_numa_node_out_of_memory },
+    { "numa_workers", test_numa_workers_run_on_their_node },
 };
 
 static void quiet_log(enum ggml_log_level level, const char * text, void * user) {

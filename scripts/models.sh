@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Writes the test models into build/models (idempotent; regenerated when the generators change).
+#   build/models/archs/  one random-weight model per MoE architecture llama.cpp supports
+#                        (its own test-llama-archs -o; 2 experts, both used)
+#   build/models/many/   many experts, few used, several quant types (tests/tools/make-moe-model)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+B=build/llama/bin
+M=build/models
+GEN=build/make-moe-model
+
+stamp_archs=$(sha256sum "$B/test-llama-archs" | cut -c1-16)
+if [ "$(cat "$M/archs/.stamp" 2>/dev/null)" != "$stamp_archs" ]; then
+    rm -rf "$M/archs"
+    mkdir -p "$M/archs"
+    "$B/test-llama-archs" -o "$M/archs" > "$M/archs.log" 2>&1
+    rm -f "$M"/archs/*-dense.gguf
+    echo "$stamp_archs" > "$M/archs/.stamp"
+fi
+
+stamp_many=$(cat "$GEN" "$0" | sha256sum | cut -c1-16)
+if [ "$(cat "$M/many/.stamp" 2>/dev/null)" != "$stamp_many" ]; then
+    rm -rf "$M/many"
+    mkdir -p "$M/many"
+    gen() {
+        local name=$1
+        shift
+        "$GEN" --out "$M/many/$name.gguf" --layers 2 --vocab 256 --embd 256 --heads 4 --head-kv 2 "$@" > /dev/null
+    }
+    gen e32u4-q8_0    --experts 32  --used 4 --ff 256 --type q8_0   --seed 1
+    gen e64u8-q4_K    --experts 64  --used 8 --ff 256 --type q4_K   --seed 2
+    gen e128u8-iq4_xs --experts 128 --used 8 --ff 256 --type iq4_xs --seed 3
+    gen e48u6-f16     --experts 48  --used 6 --ff 128 --type f16    --seed 4
+    gen e32u4-mxfp4   --experts 32  --used 4 --ff 256 --type mxfp4  --seed 5
+    gen e64u4-q4_0    --experts 64  --used 4 --ff 256 --type q4_0   --seed 6
+    gen e32u8-bf16    --experts 32  --used 8 --ff 128 --type bf16   --seed 7
+    gen e96u6-q6_K    --experts 96  --used 6 --ff 256 --type q6_K   --seed 8
+    echo "$stamp_many" > "$M/many/.stamp"
+fi
+echo "models: $(ls "$M"/archs/*.gguf | wc -l) architectures, $(ls "$M"/many/*.gguf | wc -l) many-expert models in $M"

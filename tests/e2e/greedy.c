@@ -1,0 +1,110 @@
+// greedy: decodes a prompt greedily through llama.cpp's C API and prints, for every step,
+// the chosen token and a hash of all the logits (their exact bits), synchronously.
+//
+//   greedy MODEL N_PREDICT PROMPT [--threads N] [--no-extra-bufts] [--load-mode none|mmap]
+//
+// The end-to-end tests compare these lines between stock llama.cpp and numa-moe (preloaded;
+// its map comes from NUMA_MOE_EXPERT_MAP): equal lines mean the same tokens from bit-identical
+// logits. numa-moe's placement report is passed through from llama.cpp's log to stderr.
+
+#include "llama.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void on_log(enum ggml_log_level level, const char * text, void * user) {
+    (void) user;
+    if (level >= GGML_LOG_LEVEL_WARN || strstr(text, "numa-moe") || strstr(text, "model buffer size")) {
+        fputs(text, stderr);
+    }
+}
+
+static uint64_t fnv1a(const void * p, size_t n) {
+    const unsigned char * b = p;
+    uint64_t              h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) {
+        h = (h ^ b[i]) * 1099511628211ull;
+    }
+    return h;
+}
+
+int main(int argc, char ** argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s MODEL N_PREDICT PROMPT [--threads N] [--no-extra-bufts] [--load-mode none|mmap]\n", argv[0]);
+        return 2;
+    }
+    const char * path      = argv[1];
+    const int    n_predict = atoi(argv[2]);
+    const char * prompt    = argv[3];
+    int          threads   = 2;
+    int          extra     = 1;
+    int          mode      = LLAMA_LOAD_MODE_MMAP;
+    for (int i = 4; i < argc; i++) {
+        if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
+            threads = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--no-extra-bufts") == 0) {
+            extra = 0;
+        } else if (strcmp(argv[i], "--load-mode") == 0 && i + 1 < argc) {
+            mode = strcmp(argv[++i], "none") == 0 ? LLAMA_LOAD_MODE_NONE : LLAMA_LOAD_MODE_MMAP;
+        } else {
+            fprintf(stderr, "unknown argument %s\n", argv[i]);
+            return 2;
+        }
+    }
+    llama_log_set(on_log, NULL);
+    llama_backend_init();
+
+    struct llama_model_params mp = llama_model_default_params();
+    mp.use_extra_bufts           = extra;
+    mp.load_mode                 = (enum llama_load_mode) mode;
+    struct llama_model * model   = llama_model_load_from_file(path, mp);
+    if (!model) {
+        fprintf(stderr, "greedy: cannot load %s\n", path);
+        return 1;
+    }
+    struct llama_context_params cp = llama_context_default_params();
+    cp.n_ctx                       = 256;
+    cp.n_batch                     = 256;
+    cp.n_threads                   = threads;
+    cp.n_threads_batch             = threads;
+    cp.no_perf                     = true;
+    struct llama_context * ctx     = llama_init_from_model(model, cp);
+    if (!ctx) {
+        fprintf(stderr, "greedy: cannot create a context\n");
+        return 1;
+    }
+    const struct llama_vocab * vocab   = llama_model_get_vocab(model);
+    const int                  n_vocab = llama_vocab_n_tokens(vocab);
+
+    llama_token tokens[256];
+    int         n = llama_tokenize(vocab, prompt, (int32_t) strlen(prompt), tokens, 200, true, true);
+    if (n <= 0) {
+        fprintf(stderr, "greedy: cannot tokenize the prompt\n");
+        return 1;
+    }
+    struct llama_batch batch = llama_batch_get_one(tokens, n);
+    for (int step = 0; step < n_predict; step++) {
+        if (llama_decode(ctx, batch) != 0) {
+            fprintf(stderr, "greedy: decode failed at step %d\n", step);
+            return 1;
+        }
+        const float * logits = llama_get_logits_ith(ctx, -1);
+        llama_token   best   = 0;
+        for (int v = 1; v < n_vocab; v++) {
+            if (logits[v] > logits[best]) {
+                best = v;
+            }
+        }
+        printf("%d %016" PRIx64 "\n", best, fnv1a(logits, sizeof(float) * (size_t) n_vocab));
+        tokens[n]  = best;
+        batch      = llama_batch_get_one(&tokens[n], 1);
+        n++;
+    }
+    fflush(stdout);
+    llama_free(ctx);
+    llama_model_free(model);
+    llama_backend_free();
+    return 0;
+}

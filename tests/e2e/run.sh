@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# End to end against the pinned, patched llama.cpp: every MoE test model generates the same
+# tokens with numa-moe as without it, under each map, on this machine and on described
+# multi-node machines; llama-perplexity's KL divergence against stock logits is 0; the
+# numa-moe tool's plan of a real model adds up; a bad map stops llama.cpp before loading.
+#
+# Prints one line per failure and `N passed, N failed`. Expects make llama lib models.
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+B=$root/build/llama/bin
+LIB=$root/target/release/libnuma_moe.so
+CLI=$root/target/release/numa-moe
+M=$root/build/models
+OUT=$root/build/e2e
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+passed=0
+failed=0
+pass() { passed=$((passed + 1)); }
+fail() {
+    failed=$((failed + 1))
+    echo "FAIL $*"
+}
+
+TWO="package:2 numa:1 core:1 pu:1"
+FOUR="package:2 numa:2 core:1 pu:1"
+PROMPT="The quick brown fox jumps over the lazy dog"
+GREEDY=$root/build/greedy
+
+# numa_moe TOPOLOGY COMMAND...: runs COMMAND with libnuma_moe.so preloaded (or not, for "stock")
+numa_moe() {
+    local topo=$1
+    shift
+    if [ "$topo" = stock ]; then
+        "$@"
+    else
+        NUMA_MOE_TOPOLOGY=$topo LD_PRELOAD=$LIB "$@"
+    fi
+}
+
+# greedy TOPOLOGY MAP MODEL OUT [args]: 16 greedy tokens and the bit hash of every step's logits
+# (tests/e2e/greedy.c: llama.cpp's API, printed synchronously; llama-completion's asynchronous
+# logger sometimes drops its output at exit, which would make token comparisons flaky).
+greedy() {
+    local topo=$1 map=$2 model=$3 out=$4
+    shift 4
+    NUMA_MOE_EXPERT_MAP=$map numa_moe "$topo" timeout 120 "$GREEDY" "$model" 16 "$PROMPT" "$@" > "$out" 2> "$out.err"
+}
+
+# 1. the same tokens from bit-identical logits, with and without numa-moe. The reference is
+# llama.cpp's own kernel on the same plain layout: without extra buffer types (where numa-moe
+# places the experts) or stock as shipped (where numa-moe leaves them to CPU_REPACK, which it
+# does on one node for the types repack handles). The test models keep their non-expert
+# weights in types repack does not touch, so both references compute them alike.
+models=("$M"/archs/*-moe.gguf "$M"/many/*.gguf)
+skipped=()
+for model in "${models[@]}"; do
+    name=$(basename "$model" .gguf)
+    # test-llama-archs names some dense variants "-moe" (ernie4_5, paddleocr): nothing to place
+    if [[ "$("$CLI" plan --model "$model" --map rows --topology "$TWO" 2>&1)" == *"no stacked expert tensors"* ]]; then
+        skipped+=("$name")
+        continue
+    fi
+    plain=$OUT/$name.plain
+    stock=$OUT/$name.stock
+    if ! greedy stock off "$model" "$plain" --no-extra-bufts || ! greedy stock off "$model" "$stock"; then
+        fail "$name: stock llama.cpp failed: $(tail -2 "$plain.err" "$stock.err" | tr '\n' ' ')"
+        continue
+    fi
+    runs=("host|rows" "two|rows" "two|block" "two|mirror" "two|interleave" "four|rows" "four|0:0+1,1:2,*:3")
+    for run in "${runs[@]}"; do
+        machine=${run%%|*}
+        map=${run#*|}
+        case $machine in
+            host) topo=host ;;
+            two) topo=$TWO ;;
+            four) topo=$FOUR ;;
+        esac
+        got=$OUT/$name.$machine.$(echo "$map" | tr ':,+*' '___x')
+        if ! greedy "$topo" "$map" "$model" "$got"; then
+            fail "$name [$machine, $map]: llama.cpp failed: $(grep -m2 -iE 'error|fail' "$got.err" | tr '\n' ' ')"
+            continue
+        fi
+        if grep -q "numa-moe: [0-9]* expert tensors" "$got.err"; then
+            ref=$plain
+        elif [ "$machine" = host ] && grep -q "stay with ggml's CPU_REPACK" "$got.err"; then
+            ref=$stock
+        else
+            fail "$name [$machine, $map]: numa-moe placed no expert tensor"
+            continue
+        fi
+        if cmp -s "$ref" "$got"; then
+            pass
+        else
+            fail "$name [$machine, $map]: differs from stock at step $(cmp "$ref" "$got" | sed -n 's/.*line \([0-9]*\).*/\1/p')"
+        fi
+    done
+done
+
+# 1b. llama-completion with the --numa-expert-map flag (llama.cpp's own front end), retried
+# when its logger drops the output at exit
+completion_ok=0
+for attempt in 1 2 3; do
+    NUMA_MOE_TOPOLOGY=$TWO LD_PRELOAD=$LIB timeout 120 "$B/llama-completion" -m "$M/many/e32u4-q8_0.gguf" -p "$PROMPT" -n 12 \
+        --temp 0 --seed 1 -no-cnv -t 2 -c 256 -v --numa-expert-map rows > "$OUT/completion.out" 2> "$OUT/completion.err"
+    if grep -q "eval time" "$OUT/completion.err"; then
+        completion_ok=1
+        break
+    fi
+done
+if [ $completion_ok = 1 ] && grep -q 'numa-moe: 6 expert tensors .* placed by map "rows" (--numa-expert-map)' "$OUT/completion.err" &&
+    grep -q "numa-moe: node 0: .* | node 1: " "$OUT/completion.err"; then
+    pass
+else
+    fail "llama-completion --numa-expert-map rows: no placement report ($(grep -m3 numa-moe "$OUT/completion.err" | tr '\n' ' '))"
+fi
+
+# 2. KL divergence against stock logits (llama-perplexity): numa-moe's statistics are exactly
+# those of stock against the same base. llama.cpp stores base log-probabilities in 16 bits, so
+# even stock against itself shows |KLD| up to 1e-6; the mean must print as 0. Stock runs
+# without extra buffer types (--no-repack), the layout numa-moe's kernels are held to.
+text=$OUT/kld.txt
+for i in $(seq 1 60); do echo "Line $i of a text long enough for two chunks of perplexity; the fox keeps jumping."; done > "$text"
+kld_stats() { sed -n '/^====== Perplexity statistics/,$p' "$1"; }
+# ppl_run OUT LAST COMMAND...: retries when llama.cpp's logger dropped the output's last line
+# (matching LAST) at exit
+ppl_run() {
+    local out=$1 last=$2
+    shift 2
+    for attempt in 1 2 3; do
+        "$@" > "$out" 2>&1 || return 1
+        grep -q "$last" "$out" && return 0
+    done
+    return 1
+}
+for model in "$M"/many/*.gguf "$M"/archs/qwen3moe-moe.gguf "$M"/archs/deepseek2-moe.gguf "$M"/archs/gpt-oss-moe.gguf "$M"/archs/llama4-moe.gguf; do
+    name=$(basename "$model" .gguf)
+    base=$OUT/$name.kld
+    ppl=(timeout 300 "$B/llama-perplexity" -m "$model" -f "$text" -c 128 -b 128 -t 2 --kl-divergence-base "$base")
+    if ! ppl_run "$OUT/$name.ppl-base" "Final estimate" "${ppl[@]}" --no-repack ||
+        ! ppl_run "$OUT/$name.ppl-stock" "^Same top p" "${ppl[@]}" --no-repack --kl-divergence; then
+        fail "$name: stock llama-perplexity failed: $(tail -2 "$OUT/$name.ppl-stock" | tr '\n' ' ')"
+        continue
+    fi
+    for machine in two four; do
+        topo=$TWO
+        [ $machine = four ] && topo=$FOUR
+        log=$OUT/$name.ppl-$machine
+        if ! ppl_run "$log" "^Same top p" numa_moe "$topo" "${ppl[@]}" --kl-divergence --numa-expert-map rows; then
+            fail "$name [$machine]: llama-perplexity --kl-divergence failed: $(tail -2 "$log" | tr '\n' ' ')"
+            continue
+        fi
+        kld=$(sed -n 's/^Mean *KLD: *\([-0-9.e]*\).*/\1/p' "$log" | head -1)
+        if [ -n "$kld" ] && awk -v k="$kld" 'BEGIN { exit !(k == 0) }' && [ -n "$(kld_stats "$log")" ] &&
+            [ "$(kld_stats "$log")" = "$(kld_stats "$OUT/$name.ppl-stock")" ]; then
+            pass
+        else
+            fail "$name [$machine]: KLD statistics differ from stock's (mean KLD ${kld:-missing}): $(diff <(kld_stats "$OUT/$name.ppl-stock") <(kld_stats "$log") | head -4 | tr '\n' ' ')"
+        fi
+    done
+done
+
+# 3. the tool's plan of a real model matches what llama.cpp allocates
+model=$M/many/e64u8-q4_K.gguf
+plan=$("$CLI" plan --model "$model" --map rows --topology "package:2 numa:4 core:4 pu:1" --json 2>&1)
+bytes=$(echo "$plan" | sed -n 's/.*"expert_bytes":\([0-9]*\).*/\1/p')
+alloc=$(grep -m1 "NUMA_MOE model buffer size" "$OUT/e64u8-q4_K.two.rows.err" | sed -n 's/.*= *\([0-9.]*\) MiB.*/\1/p')
+if [ -n "$bytes" ] && [ -n "$alloc" ] && awk -v b="$bytes" -v a="$alloc" 'BEGIN { exit !(b / 1048576 - a < 0.01 && a - b / 1048576 < 0.01) }'; then
+    pass
+else
+    fail "plan: numa-moe plan says ${bytes:-?} bytes of experts, llama.cpp allocated ${alloc:-?} MiB"
+fi
+nodes=$(echo "$plan" | grep -o '"node":[0-9]*,"bytes":[0-9]*' | sed 's/.*"bytes"://' | sort -u)
+if [ "$(echo "$nodes" | wc -l)" = 1 ] && [ "$nodes" -gt 0 ] && [ $((nodes * 8)) = "$bytes" ]; then
+    pass
+else
+    fail "plan: 8 nodes should each hold 1/8 of $bytes bytes, got: $(echo $nodes)"
+fi
+
+# 4. a bad map stops llama.cpp before loading, with the planner's message
+check_error() {
+    local what=$1 expect=$2
+    shift 2
+    if "$@" > "$OUT/err.out" 2>&1; then
+        fail "$what: llama.cpp ran with a bad map"
+    elif grep -q "$expect" "$OUT/err.out"; then
+        pass
+    else
+        fail "$what: expected \"$expect\", got: $(grep -m3 -iE 'error|numa-moe' "$OUT/err.out" | tr '\n' ' ')"
+    fi
+}
+qwen=$M/archs/qwen3moe-moe.gguf
+check_error "absent node" "node 7 does not exist" numa_moe host "$B/llama-completion" -m "$qwen" -p hi -n 1 -no-cnv --numa-expert-map "0:0,1:7"
+check_error "syntax" "expected ':' and a node after the experts" numa_moe host "$B/llama-completion" -m "$qwen" -p hi -n 1 -no-cnv --numa-expert-map "0-1"
+check_error "llama-bench flag" "unknown policy \"rowz\"" numa_moe host "$B/llama-bench" -m "$qwen" -p 0 -n 1 --numa-expert-map rowz
+# errors found while loading (llama.cpp's own tools print them through their asynchronous
+# logger, which can drop lines at exit; the greedy driver prints them as they come)
+check_error "expert beyond the model" "expert 2 is beyond the model: blk.0.ffn_gate_exps.weight has 2 experts" \
+    env NUMA_MOE_EXPERT_MAP="0-3:0" LD_PRELOAD="$LIB" "$GREEDY" "$qwen" 1 hi
+check_error "expert not mapped" "expert 1 is not mapped" \
+    env NUMA_MOE_EXPERT_MAP="0:0" LD_PRELOAD="$LIB" "$GREEDY" "$qwen" 1 hi
+check_error "malformed map in the environment" "NUMA_MOE_EXPERT_MAP: invalid expert map \"0:0,,\"" \
+    env NUMA_MOE_EXPERT_MAP="0:0,," LD_PRELOAD="$LIB" "$GREEDY" "$qwen" 1 hi
+check_error "flag without the library" "needs libnuma_moe.so" "$B/llama-completion" -m "$qwen" -p hi -n 1 -no-cnv --numa-expert-map rows
+
+# 5. the flag reaches llama-server and llama-cli too (their argument parsers accept it)
+for tool in llama-server llama-cli; do
+    help=$(numa_moe host "$B/$tool" --help 2>&1)
+    if grep -q -- "--numa-expert-map" <<< "$help"; then pass; else fail "$tool has no --numa-expert-map"; fi
+done
+
+[ ${#skipped[@]} -gt 0 ] && echo "e2e: skipped ${skipped[*]} (no stacked expert tensors in the file)"
+echo "e2e: $(( ${#models[@]} - ${#skipped[@]} )) MoE models compared"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
