@@ -275,9 +275,40 @@ impl NumaBuffer {
 
     /// Writes `len` bytes from `src` at `offset` of the buffer, into every copy.
     ///
+    /// llama.cpp's loader copies expert bytes out of the mapped model file: when `src` is
+    /// such a mapping, the copy goes in chunks and each chunk's file pages are dropped from
+    /// this process right after, so expert bytes are not resident twice, not even while
+    /// loading (peak RSS stays within a chunk of stock's).
+    ///
     /// # Safety
     /// `src` must be readable for `len` bytes and lie outside this buffer.
     pub unsafe fn write(&self, rt: &Runtime, offset: usize, src: *const u8, len: usize) {
+        const CHUNK: usize = 16 << 20;
+        let shared = if len >= CHUNK && !self.overlapping(offset, offset + len).is_empty() {
+            memory::SharedFileRange::find(src as usize, len)
+        } else {
+            None
+        };
+        let Some(shared) = shared else {
+            // SAFETY: per this function's contract.
+            unsafe { self.write_copies(rt, offset, src, len) };
+            return;
+        };
+        let page = crate::sys::page_size();
+        let mut done = 0;
+        while done < len {
+            // chunk ends on a page boundary of the source, so each chunk's pages are complete
+            let end = ((src as usize + done + CHUNK).div_ceil(page) * page - src as usize).min(len);
+            // SAFETY: done..end lies inside src's range.
+            unsafe { self.write_copies(rt, offset + done, src.add(done), end - done) };
+            shared.release(src as usize + done, end - done);
+            done = end;
+        }
+    }
+
+    /// # Safety
+    /// As for [`NumaBuffer::write`].
+    unsafe fn write_copies(&self, rt: &Runtime, offset: usize, src: *const u8, len: usize) {
         // SAFETY: per this function's contract.
         unsafe { self.region.write_from(offset, src, len) };
         for p in self.overlapping(offset, offset + len) {
@@ -294,11 +325,6 @@ impl NumaBuffer {
             }
             p.written.fetch_add((e - s) as u64, Ordering::Relaxed);
             self.report_once(rt);
-        }
-        // The loader copies expert bytes out of the mapped model file: drop our mapping of
-        // those file pages so the bytes are not resident twice.
-        if len >= 1 << 20 && !self.overlapping(offset, offset + len).is_empty() {
-            memory::release_file_pages(src as usize, len);
         }
     }
 

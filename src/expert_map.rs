@@ -214,7 +214,8 @@ impl<'a> Parser<'a> {
         if self.eat(b'-') {
             let (hi, s1) = self.int(what)?;
             if hi < lo {
-                return self.err(s0.start..s1.end, format!("{what} range {lo}-{hi} runs backwards"));
+                let noun = what.trim_start_matches("an ").trim_start_matches("a ").trim_end_matches(" number");
+                return self.err(s0.start..s1.end, format!("{noun} range {lo}-{hi} runs backwards"));
             }
             Ok(((lo, hi), s0.start..s1.end))
         } else {
@@ -603,7 +604,8 @@ mod tests {
     fn malformed_ranges_point_at_the_problem() {
         let m = e("0-7:0,8-:1");
         assert!(m.contains("expected an expert number, found ':'") && m.contains("character 9"), "{m}");
-        assert!(e("7-3:0").contains("expert number range 7-3 runs backwards"));
+        assert!(e("7-3:0").contains("expert range 7-3 runs backwards"));
+        assert!(e("blk.5-2=rows").contains("layer range 5-2 runs backwards"));
         assert!(e("0-7").contains("expected ':' and a node after the experts, found the end of the map"));
         assert!(e("0-7:").contains("expected a node number, found the end of the map"));
         assert!(e("0-7:0 8-15:1").contains("expected ',' or ';', found '8'"));

@@ -289,35 +289,43 @@ pub fn parse_numa_maps(text: &str) -> Vec<NumaMapsEntry> {
         .collect()
 }
 
-/// Whether `addr..addr+len` lies inside one shared, file-backed mapping of this process
-/// (a model file mapped by llama.cpp's loader). Reads /proc/self/maps.
-pub fn in_shared_file_mapping(addr: usize, len: usize) -> bool {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
-    maps.lines().any(|l| {
-        let mut it = l.split_whitespace();
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) = (it.next(), it.next(), it.next(), it.next(), it.next())
-        else {
-            return false;
-        };
-        let Some((a, b)) = range.split_once('-') else { return false };
-        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { return false };
-        perms.as_bytes().get(3) == Some(&b's') && inode != "0" && a <= addr && addr + len <= b
-    })
+/// A range of this process's memory known to lie inside one shared, file-backed mapping (a
+/// model file mapped by llama.cpp's loader). Dropping such pages from our mapping discards no
+/// data: they are re-read from the page cache if touched again.
+pub struct SharedFileRange {
+    start: usize,
+    end: usize,
 }
 
-/// Drops this process's mapping of the whole pages inside `addr..addr+len` when they belong
-/// to a shared file mapping. The file's contents are untouched (shared file pages are
-/// re-read from the page cache if touched again); it only stops expert bytes that were
-/// copied into placed memory from staying resident a second time as mapped file pages.
-pub fn release_file_pages(addr: usize, len: usize) -> bool {
-    let page = sys::page_size();
-    let start = addr.div_ceil(page) * page;
-    let end = (addr + len) / page * page;
-    if end <= start || !in_shared_file_mapping(addr, len) {
-        return false;
+impl SharedFileRange {
+    /// Finds the mapping holding `addr..addr+len` in /proc/self/maps, if it is shared and
+    /// file-backed.
+    pub fn find(addr: usize, len: usize) -> Option<Self> {
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        maps.lines().find_map(|l| {
+            let mut it = l.split_whitespace();
+            let (range, perms, _off, _dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
+            (perms.as_bytes().get(3) == Some(&b's') && inode != "0" && a <= addr && addr + len <= b).then_some(SharedFileRange { start: a, end: b })
+        })
     }
-    // SAFETY: checked to be a MAP_SHARED file mapping, where MADV_DONTNEED discards no data.
-    unsafe { sys::madvise(start as *mut u8, end - start, libc::MADV_DONTNEED).is_ok() }
+
+    /// Drops this process's mapping of the pages overlapping `addr..addr+len` (rounded out
+    /// to pages, clipped to the file mapping), so bytes already copied elsewhere stop being
+    /// resident twice.
+    pub fn release(&self, addr: usize, len: usize) -> bool {
+        let page = sys::page_size();
+        let start = (addr / page * page).max(self.start);
+        let end = (addr + len).div_ceil(page) * page;
+        let end = end.min(self.end);
+        if end <= start {
+            return false;
+        }
+        // SAFETY: inside a MAP_SHARED file mapping (checked by find), where MADV_DONTNEED
+        // discards no data.
+        unsafe { sys::madvise(start as *mut u8, end - start, libc::MADV_DONTNEED).is_ok() }
+    }
 }
 
 #[cfg(test)]
@@ -360,12 +368,25 @@ mod tests {
     }
 
     #[test]
-    fn release_ignores_anonymous_memory() {
+    fn anonymous_memory_is_never_released() {
         let r = Region::new(1 << 20, 4096).unwrap();
         r.fill(0, 1 << 20, 7);
-        assert!(!release_file_pages(r.as_ptr() as usize, 1 << 20));
-        let mut b = [0u8; 1];
-        r.read(12345, &mut b);
-        assert_eq!(b[0], 7, "anonymous data must survive");
+        assert!(SharedFileRange::find(r.as_ptr() as usize, 1 << 20).is_none());
+    }
+
+    #[test]
+    fn released_file_pages_read_back_the_same() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("numa-moe-release-{}", std::process::id()));
+        let data: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i % 251) as u8).collect();
+        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY (test): a read-only shared mapping of a file nobody else writes.
+        let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+        let addr = map.as_ptr() as usize;
+        let shared = SharedFileRange::find(addr + 100, 2 << 20).expect("a shared file mapping");
+        assert!(shared.release(addr + 100, 2 << 20));
+        assert_eq!(&map[..], &data[..], "the file's bytes are still there");
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -222,3 +222,27 @@ fn eight_node_epyc_plan_is_balanced() {
     assert_eq!(loads.len(), 8);
     assert!(loads.iter().all(|&(_, b)| b == t.bytes() / 8), "{loads:?}");
 }
+
+/// The described machines shipped in tests/topologies load, and `auto` plans on the nodes
+/// that have both memory and CPUs, evenly.
+#[test]
+fn shipped_topologies_load_and_plan() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/topologies");
+    let cases = [("xeon-2s.xml", 2, 2), ("epyc-2s-nps4.xml", 8, 8), ("xeon-6980p-snc3.xml", 6, 6), ("memoryless-node.xml", 3, 2)];
+    let t = ExpertTensor { name: "blk.0.ffn_up_exps.weight".into(), layer: Some(0), type_name: "q4_K".into(), n_expert: 128, rows: 768, row_bytes: 1152 };
+    for (file, nodes, compute) in cases {
+        let topo = Topology::from_xml(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(topo.nodes().len(), nodes, "{file}");
+        assert_eq!(topo.compute_nodes().len(), compute, "{file}");
+        assert!(topo.nodes().iter().all(|n| topo.distance(n.id, n.id) == 10), "{file}");
+        let p = plan_tensor(&topo, &ExpertMap::policy(Policy::Auto), &t, &PlanOptions::default()).unwrap().unwrap();
+        let loads = p.bytes_per_node();
+        assert_eq!(loads.len(), compute, "{file}: {loads:?}");
+        let (min, max) = (loads.iter().map(|l| l.1).min().unwrap(), loads.iter().map(|l| l.1).max().unwrap());
+        assert!(max - min <= 32 * 1152 * 128, "{file}: {loads:?}");
+    }
+    let memless = Topology::from_xml(&dir.join("memoryless-node.xml")).unwrap();
+    assert!(!memless.node(2).unwrap().has_memory() && memless.node(2).unwrap().has_cpus());
+    let err = ExpertMap::parse("0-63:2,*:0").unwrap().check_nodes(&memless).unwrap_err().to_string();
+    assert!(err.contains("node 2 has no memory"), "{err}");
+}
