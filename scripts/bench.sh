@@ -256,7 +256,7 @@ EOF
         echo "numa-moe's log and the model buffers (first numa-moe run):"
         echo
         echo '```'
-        grep -E "numa-moe|model buffer size" "$err" | sed 's/^[0-9.]* [A-Z] //' | sort -u | head -12
+        grep -E "numa-moe|model buffer size" "$err" | grep -v "general.name" | sed 's/^[0-9.]* [A-Z] //' | sort -u | head -12
         echo '```'
     fi
     echo
@@ -273,7 +273,7 @@ if ! skip e2e; then
     Q4K=$MODELS/qwen3moe-a3b-4l-q4_K.gguf
     if [ ! -f "$Q4K" ]; then
         "$GEN" --out "$Q4K" --experts 128 --used 8 --embd 2048 --ff 768 --layers 4 --vocab 1024 --heads 32 --head-kv 4 \
-            --head-dim 128 --type q4_K > /dev/null || exit 2
+            --head-dim 128 --type q4_K > /dev/null 2>&1 || { echo "bench: make-moe-model failed" >&2; exit 2; }
     fi
     echo "### q4_K experts, 4 layers (CPU_REPACK takes q4_K: on one node numa-moe leaves it there by design)"
     echo
@@ -282,7 +282,7 @@ if ! skip e2e; then
         BF16=$MODELS/qwen3moe-a3b-2l-bf16.gguf
         if [ ! -f "$BF16" ]; then
             "$GEN" --out "$BF16" --experts 128 --used 8 --embd 2048 --ff 768 --layers 2 --vocab 1024 --heads 32 --head-kv 4 \
-                --head-dim 128 --type bf16 > /dev/null || exit 2
+                --head-dim 128 --type bf16 > /dev/null 2>&1 || { echo "bench: make-moe-model failed" >&2; exit 2; }
         fi
         echo "### bf16 experts, 2 layers (CPU_REPACK does not take bf16: numa-moe computes the experts)"
         echo

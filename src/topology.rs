@@ -562,6 +562,22 @@ mod tests {
     }
 
     #[test]
+    fn interleaved_cpu_numbering_keeps_cpus_with_their_node() {
+        // like some EPYC systems: node 0 has the even CPUs, node 1 the odd ones, and SMT
+        // siblings are numbered far apart
+        let t = Topology::from_synthetic("package:2 numa:1 core:2 pu:2(indexes=0,8,2,10,1,9,3,11)").unwrap();
+        let os = |n: u32| t.node(n).unwrap().cpus.iter().map(|c| c.os).collect::<Vec<_>>();
+        assert_eq!(os(0), vec![0, 2, 8, 10]);
+        assert_eq!(os(1), vec![1, 3, 9, 11]);
+        // physical cores first: CPUs 0 and 2 (first threads of their cores) before 8 and 10
+        let first: Vec<u32> = t.node(0).unwrap().cpus_cores_first().iter().map(|c| c.os).collect();
+        assert_eq!(first, vec![0, 2, 8, 10]);
+        let w = crate::placement::plan_workers(&t, 4);
+        assert_eq!(w.iter().map(|s| (s.node, s.cpu)).collect::<Vec<_>>(), vec![(0, 0), (0, 2), (1, 1), (1, 3)]);
+        assert_eq!(t.node_of_cpu(9), Some(1));
+    }
+
+    #[test]
     fn bad_synthetic_is_a_clear_error() {
         let e = Topology::from_synthetic("package:banana").unwrap_err();
         assert!(e.0.contains("invalid hwloc synthetic topology"), "{e}");

@@ -4,6 +4,7 @@
 //   stock     ggml_backend_cpu_buffer_type()      ggml-cpu's own kernel
 //   numa-moe  numa-moe's buffer type (map "rows")  numa-moe's node-bound hook
 //   repack    ggml's CPU_REPACK buffer type        where it takes the type (repacked kernels)
+//   stock 2   a second ggml CPU buffer             the A/A control: same kernel, other copy
 // and one MUL_MAT_ID node (gate/up layout: activations [K, 1, tokens]) is computed on one
 // ggml threadpool. Routing changes every op (a pre-generated random sequence that every
 // variant walks through in full, shifted so consecutive ops use different experts), and the
@@ -446,16 +447,14 @@ struct fill_job {
     uint64_t        seed;
 };
 
-static void * fill_thread(void * arg) {
-    struct fill_job * j = arg;
-    uint64_t          s = j->seed;
+static void fill_rows(const struct fill_job * j) {
+    uint64_t s = j->seed;
     for (int64_t r = j->row0; r < j->row1; r++) {
         uint8_t * row = j->dst + (size_t) r * j->row_bytes;
         for (int64_t u = 0; u < j->units_per_row; u++) {
             memcpy(row + (size_t) u * j->unit_bytes, j->pool + (size_t) (rnd_next(&s) % POOL_UNITS) * j->unit_bytes, j->unit_bytes);
         }
     }
-    return NULL;
 }
 
 static void fill_weights(struct ggml_tensor * w, uint8_t * dst, uint64_t seed) {
@@ -474,7 +473,7 @@ static void fill_weights(struct ggml_tensor * w, uint8_t * dst, uint64_t seed) {
     // one thread, rows in order: every copy of the weights (this one, and those copied from
     // it with ggml_backend_tensor_set) has its pages first touched the same way
     struct fill_job job = { dst, pool, ub, w->ne[0] / unit, 0, w->ne[1] * w->ne[2], w->nb[1], seed * 1000003u };
-    fill_thread(&job);
+    fill_rows(&job);
     free(pool);
 }
 
@@ -987,8 +986,22 @@ static void run_case(const struct shape * s, enum ggml_type type) {
 
 // ---------------------------------------------------------------------------------------
 
+static int case_selected(size_t si, size_t ti) {
+    return (!g_opt.shape || !strcmp(g_opt.shape, k_shapes[si].name)) && (!g_opt.type || !strcmp(g_opt.type, ggml_type_name(k_types[ti])));
+}
+
 int main(int argc, char ** argv) {
     if (!parse_args(argc, argv)) {
+        return 2;
+    }
+    int matched = 0;
+    for (size_t si = 0; si < sizeof k_shapes / sizeof k_shapes[0]; si++) {
+        for (size_t ti = 0; ti < sizeof k_types / sizeof k_types[0]; ti++) {
+            matched += case_selected(si, ti);
+        }
+    }
+    if (!matched) {
+        fprintf(stderr, "mmid_bench: no case matches --shape/--type (see --help)\n");
         return 2;
     }
     ggml_log_set(quiet_log, NULL);
@@ -1033,22 +1046,12 @@ int main(int argc, char ** argv) {
 
     print_header();
     fflush(stdout);
-    int matched = 0;
     for (size_t si = 0; si < sizeof k_shapes / sizeof k_shapes[0]; si++) {
-        if (g_opt.shape && strcmp(g_opt.shape, k_shapes[si].name)) {
-            continue;
-        }
         for (size_t ti = 0; ti < sizeof k_types / sizeof k_types[0]; ti++) {
-            if (g_opt.type && strcmp(g_opt.type, ggml_type_name(k_types[ti]))) {
-                continue;
+            if (case_selected(si, ti)) {
+                run_case(&k_shapes[si], k_types[ti]);
             }
-            matched++;
-            run_case(&k_shapes[si], k_types[ti]);
         }
-    }
-    if (!matched) {
-        fprintf(stderr, "mmid_bench: no case matches --shape/--type\n");
-        return 2;
     }
 
     loadavg(la, sizeof la);

@@ -1,7 +1,7 @@
 // greedy: decodes a prompt greedily through llama.cpp's C API and prints, for every step,
 // the chosen token and a hash of all the logits (their exact bits), synchronously.
 //
-//   greedy MODEL N_PREDICT PROMPT [--threads N] [--no-extra-bufts] [--load-mode none|mmap]
+//   greedy MODEL N_PREDICT PROMPT [--threads N] [--no-extra-bufts] [--load-mode none|mmap] [--numa distribute]
 //
 // The end-to-end tests compare these lines between stock llama.cpp and numa-moe (preloaded;
 // its map comes from NUMA_MOE_EXPERT_MAP): equal lines mean the same tokens from bit-identical
@@ -32,7 +32,8 @@ static uint64_t fnv1a(const void * p, size_t n) {
 
 int main(int argc, char ** argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s MODEL N_PREDICT PROMPT [--threads N] [--no-extra-bufts] [--load-mode none|mmap]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL N_PREDICT PROMPT [--threads N] [--no-extra-bufts] [--load-mode none|mmap] [--numa distribute]\n",
+                argv[0]);
         return 2;
     }
     const char * path      = argv[1];
@@ -41,11 +42,14 @@ int main(int argc, char ** argv) {
     int          threads   = 2;
     int          extra     = 1;
     int          mode      = LLAMA_LOAD_MODE_MMAP;
+    int          numa      = 0;
     for (int i = 4; i < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
             threads = atoi(argv[++i]);
         } else if (strcmp(argv[i], "--no-extra-bufts") == 0) {
             extra = 0;
+        } else if (strcmp(argv[i], "--numa") == 0 && i + 1 < argc) {
+            numa = strcmp(argv[++i], "distribute") == 0;
         } else if (strcmp(argv[i], "--load-mode") == 0 && i + 1 < argc) {
             mode = strcmp(argv[++i], "none") == 0 ? LLAMA_LOAD_MODE_NONE : LLAMA_LOAD_MODE_MMAP;
         } else {
@@ -55,6 +59,10 @@ int main(int argc, char ** argv) {
     }
     llama_log_set(on_log, NULL);
     llama_backend_init();
+    if (numa) {
+        // llama.cpp's own --numa distribute: ggml pins worker i to node i mod N at every compute
+        llama_numa_init(GGML_NUMA_STRATEGY_DISTRIBUTE);
+    }
 
     struct llama_model_params mp = llama_model_default_params();
     mp.use_extra_bufts           = extra;

@@ -180,6 +180,16 @@ else
     fail "plan: 8 nodes should each hold 1/8 of $bytes bytes, got: $(echo $nodes)"
 fi
 
+# 3b. and of a model llama.cpp itself wrote (test-llama-archs), on an 8-node EPYC
+plan=$("$CLI" plan --model "$M/archs/qwen3moe-moe.gguf" --map rows --topology "$root/tests/topologies/epyc-2s-nps4.xml" --json 2>&1)
+bytes=$(echo "$plan" | sed -n 's/.*"expert_bytes":\([0-9]*\).*/\1/p')
+nodes=$(echo "$plan" | grep -o '"node":[0-9]*,"bytes":[0-9]*' | sed 's/.*"bytes"://' | sort -u)
+if [ -n "$bytes" ] && [ "$(echo "$nodes" | wc -l)" = 1 ] && [ $((nodes * 8)) = "$bytes" ] && [[ "$plan" == *'"warnings":[]'* ]]; then
+    pass
+else
+    fail "plan of qwen3moe-moe on 8 nodes: $(echo "$plan" | head -c 400)"
+fi
+
 # 4. a bad map stops llama.cpp before loading, with the planner's message
 check_error() {
     local what=$1 expect=$2

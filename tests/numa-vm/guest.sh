@@ -61,5 +61,19 @@ for model in "$M/many/e32u4-q8_0.gguf" "$M/archs/qwen3moe-moe.gguf"; do
     done
 done
 
+# 3. next to llama.cpp's own --numa distribute (ggml re-pins its threads at every compute;
+#    numa-moe must not fight it and takes each thread's node from getcpu) and --load-mode none
+#    (the loader reads the file straight into numa-moe's memory)
+model=$M/many/e32u4-q8_0.gguf
+$prefix "$G" "$model" 8 "The quick brown fox" --no-extra-bufts > /tmp/ref 2>/dev/null
+for extra in "--numa distribute" "--load-mode none"; do
+    if NUMA_MOE_EXPERT_MAP=rows LD_PRELOAD=$LIB $prefix "$G" "$model" 8 "The quick brown fox" $extra > /tmp/got 2>/tmp/got.err &&
+        cmp -s /tmp/ref /tmp/got && grep -q "none off its planned node" /tmp/got.err; then
+        pass "e32u4-q8_0 [rows, $extra]"
+    else
+        fail "e32u4-q8_0 [rows, $extra]: differs from stock or pages misplaced: $(grep numa-moe /tmp/got.err | tail -1)"
+    fi
+done
+
 echo "guest $NUMA_VM_SCENARIO: $passed passed, $failed failed"
 [ $failed -eq 0 ]
