@@ -311,6 +311,20 @@ impl NumaBuffer {
     unsafe fn write_copies(&self, rt: &Runtime, offset: usize, src: *const u8, len: usize) {
         // SAFETY: per this function's contract.
         unsafe { self.region.write_from(offset, src, len) };
+        self.for_each_replica_span(offset, len, |r, at, from, n| {
+            // SAFETY: from..from+n lies inside src's range (0..len).
+            unsafe { r.write_from(at, src.add(from), n) }
+        });
+        for p in self.overlapping(offset, offset + len) {
+            let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
+            p.written.fetch_add((e - s) as u64, Ordering::Relaxed);
+            self.report_once(rt);
+        }
+    }
+
+    /// Calls `f(replica, offset in the replica, offset from `offset`, length)` for every
+    /// replica extent overlapping the buffer range `offset..offset+len`.
+    fn for_each_replica_span(&self, offset: usize, len: usize, mut f: impl FnMut(&Region, usize, usize, usize)) {
         for p in self.overlapping(offset, offset + len) {
             let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
             for (c, r) in p.plan.copies[1..].iter().zip(&p.replicas) {
@@ -318,13 +332,10 @@ impl NumaBuffer {
                 for ext in &c.extents {
                     let (a, b) = ((p.offset + ext.offset as usize).max(s), (p.offset + (ext.offset + ext.len) as usize).min(e));
                     if a < b {
-                        // SAFETY: a..b lies inside src's range (offset..offset+len).
-                        unsafe { r.write_from(a - p.offset, src.add(a - offset), b - a) };
+                        f(r, a - p.offset, a - offset, b - a);
                     }
                 }
             }
-            p.written.fetch_add((e - s) as u64, Ordering::Relaxed);
-            self.report_once(rt);
         }
     }
 
@@ -340,18 +351,7 @@ impl NumaBuffer {
     /// Sets `len` bytes at `offset` to `value`, in every copy.
     pub fn fill(&self, offset: usize, len: usize, value: u8) {
         self.region.fill(offset, len, value);
-        for p in self.overlapping(offset, offset + len) {
-            let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
-            for (c, r) in p.plan.copies[1..].iter().zip(&p.replicas) {
-                let Some(r) = r else { continue };
-                for ext in &c.extents {
-                    let (a, b) = ((p.offset + ext.offset as usize).max(s), (p.offset + (ext.offset + ext.len) as usize).min(e));
-                    if a < b {
-                        r.fill(a - p.offset, b - a, value);
-                    }
-                }
-            }
-        }
+        self.for_each_replica_span(offset, len, |r, at, _, n| r.fill(at, n, value));
     }
 
     /// Copies the primary into the replicas of `p` once, unless set_tensor already wrote

@@ -258,35 +258,12 @@ pub unsafe fn mbind(
     }
 }
 
-/// The nodes this process may allocate memory on (cpuset / cgroup limits).
-pub fn mems_allowed() -> Result<NodeMask, SysError> {
+/// `get_mempolicy(2)` with a 1024-node mask: the mode and the nodes it reports for `flags`.
+fn get_mempolicy(addr: *const u8, flags: libc::c_ulong) -> Result<(libc::c_int, NodeMask), SysError> {
     let mut words = vec![0 as libc::c_ulong; 16]; // 1024 nodes
     let mut mode: libc::c_int = 0;
-    // SAFETY: words has room for 1024 bits; maxnode says so.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_get_mempolicy,
-            &mut mode as *mut libc::c_int,
-            words.as_mut_ptr(),
-            (words.len() * WORD_BITS) as libc::c_ulong,
-            std::ptr::null_mut::<libc::c_void>(),
-            MPOL_F_MEMS_ALLOWED,
-        )
-    };
-    if r != 0 {
-        return Err(SysError::last("get_mempolicy"));
-    }
-    while words.last() == Some(&0) {
-        words.pop();
-    }
-    Ok(NodeMask { words })
-}
-
-/// The policy mode and nodes governing the page at `addr` (`get_mempolicy(MPOL_F_ADDR)`).
-pub fn policy_of_addr(addr: *const u8) -> Result<(libc::c_int, NodeMask), SysError> {
-    let mut words = vec![0 as libc::c_ulong; 16];
-    let mut mode: libc::c_int = 0;
-    // SAFETY: get_mempolicy only reads the address as a lookup key; the buffers are sized.
+    // SAFETY: words has room for the number of bits passed; the kernel only reads `addr` as a
+    // lookup key (MPOL_F_ADDR) or ignores it.
     let r = unsafe {
         libc::syscall(
             libc::SYS_get_mempolicy,
@@ -294,7 +271,7 @@ pub fn policy_of_addr(addr: *const u8) -> Result<(libc::c_int, NodeMask), SysErr
             words.as_mut_ptr(),
             (words.len() * WORD_BITS) as libc::c_ulong,
             addr,
-            MPOL_F_ADDR,
+            flags,
         )
     };
     if r != 0 {
@@ -304,6 +281,16 @@ pub fn policy_of_addr(addr: *const u8) -> Result<(libc::c_int, NodeMask), SysErr
         words.pop();
     }
     Ok((mode, NodeMask { words }))
+}
+
+/// The nodes this process may allocate memory on (cpuset / cgroup limits).
+pub fn mems_allowed() -> Result<NodeMask, SysError> {
+    get_mempolicy(std::ptr::null(), MPOL_F_MEMS_ALLOWED).map(|(_, m)| m)
+}
+
+/// The policy mode and nodes governing the page at `addr` (`get_mempolicy(MPOL_F_ADDR)`).
+pub fn policy_of_addr(addr: *const u8) -> Result<(libc::c_int, NodeMask), SysError> {
+    get_mempolicy(addr, MPOL_F_ADDR)
 }
 
 /// The node holding the page at `addr` (`get_mempolicy(MPOL_F_NODE | MPOL_F_ADDR)`); the
