@@ -168,10 +168,11 @@ impl TensorPlan {
         let experts: Vec<u32> = pieces.iter().map(|p| p.expert).collect();
         let whole = pieces.iter().all(|p| p.rows == (0..rows));
         let list = crate::topology::render_cpu_list(&experts);
+        let noun = if experts.len() == 1 { "expert" } else { "experts" };
         if whole {
-            format!("experts {list}")
+            format!("{noun} {list}")
         } else {
-            format!("parts of experts {list}")
+            format!("parts of {noun} {list}")
         }
     }
 }
