@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(cmake pkg-config make gcc g++ libclang-dev libhwloc-dev libudev-dev ccache
-      patch xz-utils python3-pip
+      patch python3-pip time
       qemu-system-x86 busybox-static cpio)
 
 missing=()
