@@ -3,17 +3,19 @@
 #
 #   1. the machine
 #   2. op level: build/mmid_bench (tests/bench/mmid_bench.c), MUL_MAT_ID of real MoE expert
-#      shapes in q4_K, q8_0, bf16 and mxfp4, stock vs numa-moe vs stock+CPU_REPACK
+#      shapes in q4_K, q8_0, bf16 and mxfp4, stock vs numa-moe vs stock+CPU_REPACK (plus a
+#      second stock copy as an A/A control); then the qwen3 decode op with one thread
 #   3. the same op benchmark with numa-moe planning for a described 2-node machine
 #      (NUMA_MOE_TOPOLOGY) on this host: the cost of a 2-way split, not a NUMA speedup
 #   4. end to end: llama-bench pp and tg on Qwen3-30B-A3B-shaped random models (q4_K, and
 #      bf16 experts, which CPU_REPACK does not take), stock vs LD_PRELOAD=libnuma_moe.so
-#      --numa-expert-map rows, invocations alternated, plus stock --repack 0
+#      --numa-expert-map rows, invocations alternated, plus stock --repack 0 (q4_K) and
+#      stock -lm none (bf16: weights in anonymous memory, as numa-moe's copy is)
 #
 # Everything is printed as markdown (and kept in build/bench/). Expects `make lib llama` and
 # build/make-moe-model (make bench builds them). Knobs (environment):
 #   BENCH_THREADS  threads for every run (default 2)
-#   BENCH_ROUNDS   alternations of the llama-bench invocations (default 3)
+#   BENCH_ROUNDS   alternations of the llama-bench invocations (default 4)
 #   BENCH_REPS     llama-bench -r (default 3)
 #   BENCH_PP / BENCH_TG  prompt and generated tokens of llama-bench (default 128 / 32)
 #   BENCH_WAIT     seconds to wait for other processes to quiet down before each part (default 60)
@@ -30,7 +32,7 @@ OUT=$root/build/bench
 MODELS=$root/build/models
 GGML_INC=$root/third_party/llama.cpp/ggml/include
 T=${BENCH_THREADS:-2}
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-4}
 REPS=${BENCH_REPS:-3}
 PP=${BENCH_PP:-128}
 TG=${BENCH_TG:-32}
@@ -69,7 +71,7 @@ others_busy() {
 
 # waits up to $WAIT seconds for the machine to be quiet (others below 10% of the CPUs)
 wait_quiet() {
-    local b
+    local b i
     for ((i = 0; i < WAIT; i++)); do
         b=$(others_busy)
         if [ "$b" -le 10 ]; then
@@ -84,7 +86,7 @@ skip() { [[ "$SKIP" == *" $1 "* ]]; }
 
 echo "# numa-moe benchmarks"
 echo
-echo "$(date -u '+%Y-%m-%d %H:%M UTC'), numa-moe $("$root/target/release/numa-moe" --version 2>/dev/null | awk '{print $NF}'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)'), $T threads"
+echo "$(date -u '+%Y-%m-%d %H:%M UTC'), numa-moe $("$root/target/release/numa-moe" --version 2>/dev/null | awk '{print $NF}'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)'), libnuma_moe.so built $(date -u -r "$LIB" '+%Y-%m-%d %H:%M UTC'), $T threads"
 echo
 echo "## Machine"
 echo
@@ -121,6 +123,14 @@ if ! skip op; then
     fi
     [ "${PIPESTATUS[0]}" -eq 0 ] || echo "**mmid_bench reported a failed check (see above)**"
     echo
+    if [ "$QUICK" != 1 ] && [ "$T" != 1 ]; then
+        echo "### The same decode op with one thread (qwen3-30b-a3b shape)"
+        echo
+        echo "With one thread there is no division of rows between threads: what is left is the hook's own cost."
+        echo
+        build/mmid_bench --threads 1 --shape qwen3-30b-a3b --mode decode --bw-gib 0 | grep -E '^\|' | tee "$OUT/mmid-1thread.md"
+        echo
+    fi
 fi
 
 if ! skip split; then
@@ -137,9 +147,7 @@ if ! skip split; then
             | tee "$OUT/mmid-split.md"
     else
         NUMA_MOE_TOPOLOGY="package:2 numa:1 core:1 pu:1" build/mmid_bench --threads "$T" --bw-gib 0 --no-control \
-            --shape qwen3-30b-a3b | tee "$OUT/mmid-split.md"
-        NUMA_MOE_TOPOLOGY="package:2 numa:1 core:1 pu:1" build/mmid_bench --threads "$T" --bw-gib 0 --no-control \
-            --shape gpt-oss-120b | grep -E '^\| gpt-oss' | tee -a "$OUT/mmid-split.md"
+            | tee "$OUT/mmid-split.md"
     fi
     echo
 fi
@@ -163,6 +171,7 @@ run_llama_bench() {
         case $cfg in
             stock) { time "$B/llama-bench" "${args[@]}" > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
             stock-repack0) { time "$B/llama-bench" "${args[@]}" --repack 0 > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
+            stock-nommap) { time "$B/llama-bench" "${args[@]}" -lm none > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
             numa-moe) { time LD_PRELOAD=$LIB "$B/llama-bench" "${args[@]}" --numa-expert-map rows > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
         esac
         rc=$?
@@ -268,7 +277,9 @@ if ! skip e2e; then
     echo "Random-weight models with Qwen3-30B-A3B's expert shapes (128 experts, 8 used, embd 2048, expert ff 768,"
     echo "vocab 1024) from build/make-moe-model. stock: llama-bench; numa-moe: LD_PRELOAD=libnuma_moe.so and"
     echo "--numa-expert-map rows; stock-repack0: llama-bench --repack 0 (no extra buffer types: neither CPU_REPACK nor"
-    echo "numa-moe). Invocations alternate (the first configuration rotates every round)."
+    echo "numa-moe); stock-nommap: llama-bench -lm none (weights read into anonymous memory, as numa-moe copies the"
+    echo "experts into its own buffer, instead of used from the mapped file). Invocations alternate (the first"
+    echo "configuration rotates every round)."
     echo
     Q4K=$MODELS/qwen3moe-a3b-4l-q4_K.gguf
     if [ ! -f "$Q4K" ]; then
@@ -286,7 +297,7 @@ if ! skip e2e; then
         fi
         echo "### bf16 experts, 2 layers (CPU_REPACK does not take bf16: numa-moe computes the experts)"
         echo
-        e2e_model bf16 "$BF16" stock numa-moe
+        e2e_model bf16 "$BF16" stock numa-moe stock-nommap
     fi
 fi
 

@@ -309,13 +309,14 @@ impl Planner<'_> {
     }
 
     /// Rows per split unit: the fewest whole rows whose bytes are a multiple of the page size,
-    /// so that row boundaries fall on page boundaries; smaller when the tensor is too small
-    /// for every node to get a unit.
+    /// so that row boundaries fall on page boundaries, halved until every node gets at least
+    /// 32 units. Coarser units would unbalance the split (one unit is the most two equal
+    /// nodes may differ by); a boundary that is not page aligned costs one shared page.
     fn row_unit(&self, parts: usize) -> u64 {
         let rb = self.tensor.row_bytes;
         let page = self.opts.page_size.max(1);
         let mut unit = page / gcd(page, rb);
-        while unit > 1 && unit * parts as u64 > self.tensor.rows {
+        while unit > 1 && unit * 32 * parts as u64 > self.tensor.rows {
             unit /= 2;
         }
         unit.max(1)
@@ -537,7 +538,8 @@ mod tests {
     #[test]
     fn rows_on_two_nodes_split_every_expert_on_page_boundaries() {
         let topo = Topology::uniform(2, 4, 64);
-        // Qwen3-30B-A3B up/gate: 768 rows of 2048 q4_K columns (1152 bytes a row).
+        // Qwen3-30B-A3B up/gate: 768 rows of 2048 q4_K columns (1152 bytes a row): the split
+        // at row 384 is 108 pages.
         let t = tensor(128, 768, 1152);
         let p = plan(&topo, "rows", &t);
         assert_eq!(p.copies.len(), 1);
@@ -547,6 +549,15 @@ mod tests {
             assert_eq!(e.offset % 4096, 0, "{e:?}");
         }
         assert_eq!(p.bytes_per_node(), vec![(0, t.bytes() / 2), (1, t.bytes() / 2)]);
+    }
+
+    #[test]
+    fn coarse_page_units_do_not_unbalance_the_split() {
+        // gpt-oss-120b q8_0: 2880 rows of 3060 bytes; a page-aligned unit would be 1024 rows
+        let topo = Topology::uniform(2, 4, 64);
+        let p = plan(&topo, "rows", &tensor(4, 2880, 3060));
+        assert_eq!(p.describe_share(0), "rows 0-1439 of every expert");
+        assert_eq!(p.describe_share(1), "rows 1440-2879 of every expert");
     }
 
     #[test]

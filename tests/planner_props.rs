@@ -177,7 +177,7 @@ proptest! {
         let unit = {
             let g = gcd(4096, t.row_bytes);
             let mut u = 4096 / g;
-            while u > 1 && u * nodes as u64 > t.rows { u /= 2; }
+            while u > 1 && u * 32 * nodes as u64 > t.rows { u /= 2; }
             u.max(1)
         };
         let (min, max) = (*per_node.iter().min().unwrap(), *per_node.iter().max().unwrap());

@@ -336,6 +336,13 @@ static const char * numa_err(void) {
     return buf;
 }
 
+static void fill_random(uint8_t * p, size_t len, uint64_t seed) {
+    for (size_t i = 0; i + 8 <= len; i += 8) {
+        uint64_t x = rnd_next(&seed);
+        memcpy(p + i, &x, 8);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // streaming read bandwidth: n threads sum disjoint parts of one buffer
 
@@ -396,10 +403,7 @@ static int measure_bandwidth(double gib, int nt, double * best, double * median)
     if (buf == MAP_FAILED) {
         return 0;
     }
-    for (size_t i = 0; i < len; i += 4096) {
-        buf[i] = (uint8_t) i;  // fault every page in; the rest reads as zero
-    }
-    memset(buf, 1, len);
+    fill_random(buf, len, 7);  // distinct pages: nothing a zero page or page merging could share
     uint64_t sink = 0;
     read_pass(buf, len, nt, &sink);  // warm-up
     double r[7];
@@ -423,7 +427,7 @@ static void flush_llc(void) {
     }
     if (!g_flush_buf) {
         g_flush_buf = malloc(g_flush_len);
-        memset(g_flush_buf, 3, g_flush_len);
+        fill_random(g_flush_buf, g_flush_len, 3);
     }
     struct bw_job j = { g_flush_buf, g_flush_len, 0 };
     bw_thread(&j);
@@ -1033,8 +1037,8 @@ int main(int argc, char ** argv) {
     if (g_opt.bw_gib > 0) {
         double best = 0, med = 0;
         if (measure_bandwidth(g_opt.bw_gib, g_opt.threads, &best, &med)) {
-            printf("Streaming read, %d threads summing a %.2f GiB buffer: %.1f GB/s best, %.1f GB/s median of 7\n\n", g_opt.threads,
-                   g_opt.bw_gib, best, med);
+            printf("Streaming read, %d threads summing a %.2f GiB buffer: %.1f GB/s best, %.1f GB/s median of 7 (before the cases)\n\n",
+                   g_opt.threads, g_opt.bw_gib, best, med);
         }
     }
 
@@ -1059,6 +1063,14 @@ int main(int argc, char ** argv) {
            "stock; noise: largest (p75-p25)/median of the variants; others: share of the CPUs other processes used while it was timed; "
            "load average at the end %s\n",
            la);
+    if (g_opt.bw_gib > 0) {
+        double best = 0, med = 0;
+        if (measure_bandwidth(g_opt.bw_gib, g_opt.threads, &best, &med)) {
+            printf("Streaming read again after the cases: %.1f GB/s best, %.1f GB/s median of 7 (this machine's memory bandwidth "
+                   "varies with its neighbours' load: compare variants within a row, not rows of different runs)\n",
+                   best, med);
+        }
+    }
     NumaMoeStats st;
     numa_moe_stats_get(&st);
     printf("numa-moe: %" PRIu64 " ops computed by the hook, %" PRIu64 " declined; %s\n", st.ops_computed, st.ops_declined,
