@@ -18,12 +18,12 @@ for f in "${bins[@]}"; do
     [ -x "$f" ] || { echo "missing $f: run make lib llama bench first" >&2; exit 1; }
     cp "$f" "$out/"
 done
-cp "$B"/*.so* "$out/lib/"
 strip --strip-debug -o "$out/lib/libnuma_moe.so" "$root/target/release/libnuma_moe.so"
-# system libraries the target may lack (hwloc, udev, OpenMP, C++); glibc stays the target's
-ldd "${bins[@]}" "$root/target/release/libnuma_moe.so" | awk '/=> \// {print $3}' | sort -u |
-    grep -v -E "/(libc|libm|libdl|libpthread|librt|ld-linux[^/]*)\.so" | grep -v -E "^$root" | while read -r lib; do
-    cp -L "$lib" "$out/lib/"
+# every library the binaries load (llama.cpp's, hwloc, udev, OpenMP, C++), except glibc's,
+# which stays the target's; symlinks are copied as the files they name
+ldd "${bins[@]}" "$root/target/release/libnuma_moe.so" | awk '/=> \// {print $1, $3}' | sort -u |
+    grep -v -E "^(libc|libm|libdl|libpthread|librt|ld-linux[^ ]*)\.so" | while read -r name lib; do
+    cp -L "$lib" "$out/lib/$name"
 done
 
 cat > "$out/run.sh" <<'EOF'
@@ -48,11 +48,11 @@ echo "## MUL_MAT_ID, op level ($T threads, map $map)"
 "$here/mmid_bench" --threads "$T" --quick
 echo
 echo "## llama-bench ($T threads): stock vs LD_PRELOAD=libnuma_moe.so --numa-expert-map $map"
-for spec in "q4_K 8" "bf16 4"; do
+for spec in "q4_K ${BENCH_LAYERS_Q4K:-8}" "bf16 ${BENCH_LAYERS_BF16:-4}"; do
     set -- $spec
     model=$M/qwen3moe-a3b-${2}l-$1.gguf
     [ -f "$model" ] || "$here/make-moe-model" --out "$model" --experts 128 --used 8 --embd 2048 --ff 768 --layers "$2" \
-        --vocab 1024 --heads 32 --head-kv 4 --head-dim 128 --type "$1" --threads "$T" > /dev/null
+        --vocab 1024 --heads 32 --head-kv 4 --head-dim 128 --type "$1" --threads "$T" > /dev/null 2>&1
     for round in 1 2; do
         "$here/llama-bench" -m "$model" -t "$T" -p 256 -n 64 -r 3 -o md 2>/dev/null | grep -E "^\| qwen" | sed "s/^/stock    /"
         LD_PRELOAD=$here/lib/libnuma_moe.so "$here/llama-bench" -m "$model" -t "$T" -p 256 -n 64 -r 3 -o md \

@@ -375,7 +375,7 @@ impl NumaBuffer {
 
     /// Logs what went where, once per buffer.
     pub fn report_once(&self, rt: &Runtime) {
-        if self.reported.swap(true, Ordering::Relaxed) {
+        if self.reported.load(Ordering::Relaxed) || self.reported.swap(true, Ordering::Relaxed) {
             return;
         }
         for line in self.placement_report(rt) {
@@ -452,7 +452,7 @@ impl NumaBuffer {
 
     /// Verifies once (at first compute, when the weights are loaded) and logs the result.
     pub fn verify_once(&self, rt: &Runtime) {
-        if self.verified.swap(true, Ordering::Relaxed) || !rt.settings().verify || !rt.binds() {
+        if self.verified.load(Ordering::Relaxed) || self.verified.swap(true, Ordering::Relaxed) || !rt.settings().verify || !rt.binds() {
             return;
         }
         match self.verify() {

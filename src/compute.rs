@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::buffer::{NumaBuffer, PlacedTensor};
 use crate::config::{PinMode, Runtime};
 use crate::ggml::{Api, MmidOp, NumaMoeComputeParams, Work};
-use crate::placement::plan_workers;
+use crate::placement::{plan_workers, Piece};
 use crate::topology::Topology;
 
 /// MUL_MAT_ID ops over placed weights: computed here, or left to ggml-cpu's stock kernel.
@@ -74,14 +74,6 @@ pub fn assign(topo: &Topology, roster: &[u32], piece_nodes: &[u32]) -> Assignmen
     Assignment { group_of_thread, rank, group_size, group_of_node }
 }
 
-/// The part of `rows` that thread `rank` of `size` computes.
-pub fn share(rows: &Range<u64>, rank: usize, size: usize) -> Range<i64> {
-    let len = rows.end - rows.start;
-    let a = rows.start + len * rank as u64 / size as u64;
-    let b = rows.start + len * (rank as u64 + 1) / size as u64;
-    a as i64..b as i64
-}
-
 /// The node this thread works for: on a synthetic topology its planned slot (so multi-node
 /// plans can be exercised on any machine); on the host the node it runs on, after pinning
 /// it to its planned node's CPUs when that is ours to do.
@@ -92,7 +84,7 @@ fn thread_node(rt: &Runtime, api: &Api, ith: usize, nth: usize) -> u32 {
     }
     // The main thread (ith 0) is llama.cpp's own thread: pinning it would outlive the op and
     // be inherited by threads it starts later, so it only reports where it runs.
-    let ours = rt.settings().pin == PinMode::Auto && !api.is_numa() && topo.compute_nodes().len() > 1 && ith != 0;
+    let ours = ith != 0 && topo.compute_nodes().len() > 1 && rt.pin() == PinMode::Auto && !api.is_numa();
     let mut planned = None;
     if ours {
         PINNED.with(|p| {
@@ -143,6 +135,7 @@ pub fn compute(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &
     // Phase A.
     if ith == 0 {
         buf.report_once(rt);
+        work.reset_claims();
     }
     buf.sync_replicas(placed);
     work.set_roster(thread_node(rt, api, ith, nth));
@@ -159,23 +152,63 @@ pub fn compute(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &
     let a = assign(&rt.topology, &work.roster(), &placed.piece_nodes);
     let group = a.group_of_thread[ith];
     let (rank, size) = (a.rank[ith], a.group_size[&group]);
+    let slot = a.group_size.keys().position(|&g| g == group).expect("this thread's group");
     let primary = op.src0.data_ptr() as *const u8;
+    let mine = |p: &&Piece| a.group_of_node.get(&p.node) == Some(&group);
+
+    // Experts stock computes with ggml's tiled K-quant kernel are computed the same way, each
+    // piece by its whole group (the kernel partitions its rows by rank itself).
+    let mut tiled = Vec::new();
     for (expert, pieces) in placed.by_expert.iter().enumerate() {
         if op.routed(&work, expert) == 0 {
             continue;
         }
-        for p in pieces {
-            if a.group_of_node.get(&p.node) != Some(&group) {
-                continue;
-            }
+        for p in pieces.iter().filter(mine) {
             let base = placed.copy_base(primary, p.copy);
-            let rows = p.rows.start as i64..p.rows.end as i64;
-            if !op.tiled(&work, base, expert, rows, rank, size) {
-                op.dot_rows(&work, base, expert, share(&p.rows, rank, size));
+            if op.tiled(&work, base, expert, p.rows.start as i64..p.rows.end as i64, rank, size) {
+                tiled.push((expert, p.rows.start));
             }
         }
     }
+    // The rest in chunks the group's threads claim one at a time from the group's counter:
+    // a thread that runs slower (a busy core, an SMT sibling) simply claims fewer, and no
+    // thread leaves its node's pieces. Chunks as stock's: 64 rows for one token, else 16.
+    let items = chunks(&placed.by_expert, |e| op.routed(&work, e), &mine, &tiled);
+    loop {
+        let i = work.claim(slot);
+        let Some(&(expert, ref rows, copy)) = items.get(i) else { break };
+        op.dot_rows(&work, placed.copy_base(primary, copy), expert, rows.clone());
+    }
     true
+}
+
+/// This group's chunks of work, in the same order on every thread of the group.
+fn chunks(
+    by_expert: &[Vec<Piece>],
+    routed: impl Fn(usize) -> usize,
+    mine: &dyn Fn(&&Piece) -> bool,
+    tiled: &[(usize, u64)],
+) -> Vec<(usize, Range<i64>, usize)> {
+    let mut items = Vec::new();
+    for (expert, pieces) in by_expert.iter().enumerate() {
+        let n = routed(expert);
+        if n == 0 {
+            continue;
+        }
+        let chunk = if n == 1 { 64 } else { 16 };
+        for p in pieces.iter().filter(mine) {
+            if tiled.contains(&(expert, p.rows.start)) {
+                continue;
+            }
+            let mut r = p.rows.start as i64;
+            while r < p.rows.end as i64 {
+                let end = (r + chunk).min(p.rows.end as i64);
+                items.push((expert, r..end, p.copy));
+                r = end;
+            }
+        }
+    }
+    items
 }
 
 #[cfg(test)]
@@ -219,17 +252,22 @@ mod tests {
     }
 
     #[test]
-    fn shares_cover_rows_exactly_once() {
-        for size in 1..9 {
-            let rows = 5..1000u64;
-            let mut covered = vec![0u8; 1000];
-            for rank in 0..size {
-                for r in share(&rows, rank, size) {
-                    covered[r as usize] += 1;
-                }
-            }
-            assert!(covered[5..].iter().all(|&c| c == 1));
-            assert!(covered[..5].iter().all(|&c| c == 0));
-        }
+    fn chunks_cover_this_groups_rows_once_and_skip_tiled_pieces() {
+        let piece = |expert, rows: std::ops::Range<u64>, node| Piece { expert, rows, node, copy: node as usize };
+        let by_expert = vec![
+            vec![piece(0, 0..100, 0), piece(0, 100..200, 1)],
+            vec![piece(1, 0..100, 0), piece(1, 100..200, 1)],
+            vec![piece(2, 0..100, 0), piece(2, 100..200, 1)],
+        ];
+        // expert 1 not routed; expert 2 has 5 rows (16-row chunks), expert 0 one (64-row chunks)
+        let routed = |e: usize| [1, 0, 5][e];
+        let on0 = |p: &&Piece| p.node == 0;
+        let items = chunks(&by_expert, routed, &on0, &[]);
+        let rows: Vec<(usize, i64, i64)> = items.iter().map(|(e, r, _)| (*e, r.start, r.end)).collect();
+        assert_eq!(rows[..2], [(0, 0, 64), (0, 64, 100)]);
+        assert_eq!(rows[2..], [(2, 0, 16), (2, 16, 32), (2, 32, 48), (2, 48, 64), (2, 64, 80), (2, 80, 96), (2, 96, 100)]);
+        assert!(items.iter().all(|(_, _, copy)| *copy == 0));
+        let skip = chunks(&by_expert, routed, &on0, &[(2, 0)]);
+        assert_eq!(skip.len(), 2);
     }
 }

@@ -143,6 +143,11 @@ impl Runtime {
         Ok(())
     }
 
+    /// The pinning choice, read without copying the settings (every op asks).
+    pub fn pin(&self) -> PinMode {
+        self.settings.read().pin
+    }
+
     /// Whether buffers bind their memory (the host, or a described machine when forced).
     pub fn binds(&self) -> bool {
         self.topology.is_host() || self.settings.read().force_bind

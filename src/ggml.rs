@@ -372,8 +372,12 @@ pub struct WorkLayout {
     pub tiled: usize,
     pub tiled_size: usize,
     pub roster: usize,
+    pub claims: usize,
     pub total: usize,
 }
+
+/// Most thread groups (nodes) an op's claim counters cover.
+const MAX_GROUPS: usize = 64;
 
 const CACHE_LINE: usize = 64;
 
@@ -461,7 +465,9 @@ impl MmidOp {
         off = pad(off + tiled_size, CACHE_LINE);
         let roster = off;
         off += n_threads * CACHE_LINE;
-        WorkLayout { converted, counts, rows, tiled, tiled_size, roster, total: off.max(self.stock_work_size(n_threads)) }
+        let claims = off;
+        off += MAX_GROUPS * CACHE_LINE;
+        WorkLayout { converted, counts, rows, tiled, tiled_size, roster, claims, total: off.max(self.stock_work_size(n_threads)) }
     }
 
     /// ggml-cpu's own work size for this node (ggml_graph_plan's MUL_MAT_ID case).
@@ -664,6 +670,24 @@ impl Work {
         let p = self.at(self.layout.roster + self.params.ith as usize * CACHE_LINE).cast::<u32>();
         // SAFETY: each thread writes only its own slot before the barrier.
         unsafe { p.write_volatile(node) }
+    }
+
+    /// Phase A, thread 0: zeroes every group's claim counter (read only after the barrier).
+    pub fn reset_claims(&self) {
+        for g in 0..MAX_GROUPS {
+            let p = self.at(self.layout.claims + g * CACHE_LINE).cast::<usize>();
+            // SAFETY: thread 0 alone writes the counters before the barrier.
+            unsafe { p.write_volatile(0) }
+        }
+    }
+
+    /// Phase B: claims the next chunk of work of group `slot` (index into its list).
+    pub fn claim(&self, slot: usize) -> usize {
+        assert!(slot < MAX_GROUPS, "more than {MAX_GROUPS} thread groups");
+        let p = self.at(self.layout.claims + slot * CACHE_LINE).cast::<std::sync::atomic::AtomicUsize>();
+        // SAFETY: the counter is an aligned usize in the work buffer, zeroed before the barrier
+        // and from then on only touched atomically; the barrier's ordering publishes the zero.
+        unsafe { (*p).fetch_add(1, std::sync::atomic::Ordering::Relaxed) }
     }
 
     /// Phase B: the node of every thread (after the barrier).
