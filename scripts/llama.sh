@@ -102,7 +102,12 @@ cmd_build() {
             -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CCACHE=ON "${cpu_flags[@]}" \
             -DGGML_NUMA_MOE=ON -DGGML_NUMA_MOE_DIR="$root" >/dev/null
     fi
-    cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}" 2>&1 | grep -E "error|warning: unused|Error|\[100%\]" || true
+    local log=$BUILD/build.log
+    if ! cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}" > "$log" 2>&1; then
+        grep -E "error|Error" "$log" | head -40 >&2
+        log "ERROR: building llama.cpp failed (full log: $log)"
+        exit 1
+    fi
     for t in "${TARGETS[@]}"; do
         [ -x "$BUILD/bin/$t" ] || { log "ERROR: target $t was not built"; exit 1; }
     done

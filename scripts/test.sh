@@ -20,7 +20,7 @@ suite_rust() {
     # state (memory policy, affinity) run single-threaded
     "$CARGO" test --release --lib --bins 2>&1 | tee "$LOGS/rust-unit.log" | grep -E "^test result|FAILED|panicked" || true
     local rc1=${PIPESTATUS[0]}
-    "$CARGO" test --release --tests -- --test-threads=1 2>&1 | tee "$LOGS/rust-integration.log" | grep -E "^test result|FAILED|panicked" || true
+    "$CARGO" test --release --test '*' -- --test-threads=1 2>&1 | tee "$LOGS/rust-integration.log" | grep -E "^test result|FAILED|panicked" || true
     local rc2=${PIPESTATUS[0]}
     [ "$rc1" -eq 0 ] && [ "$rc2" -eq 0 ]
 }
