@@ -301,4 +301,10 @@ if ! skip e2e; then
     fi
 fi
 
+if [ "$QUICK" != 1 ]; then
+    echo
+    "$root/scripts/bench-memory.sh"
+    echo
+fi
+
 echo "(make bench took $((SECONDS - start)) s; raw outputs in build/bench/)"
