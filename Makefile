@@ -15,7 +15,7 @@ VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 CFLAGS_T   := -O2 -g -Wall -Wextra -Werror -std=c11
 export NUMA_MOE_LLAMA_SRC := $(LLAMA_SRC)
 
-.PHONY: help setup source llama lib header header-check harness greedy models \
+.PHONY: help setup source llama llama-linked lib header header-check harness greedy models \
         test test-rust test-c test-e2e test-numa demo bench clean
 
 help:
@@ -35,6 +35,10 @@ source: setup
 
 llama: setup
 	@scripts/llama.sh build
+
+# llama-completion with libnuma_moe.so linked into ggml-cpu (GGML_NUMA_MOE_LINK), for the tests
+llama-linked: lib llama
+	@scripts/llama.sh linked
 
 lib: source
 	$(CARGO) build --release
@@ -68,7 +72,7 @@ $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 models: llama $(ROOT)/build/make-moe-model
 	@scripts/models.sh
 
-test: setup llama header-check harness greedy models
+test: setup llama header-check harness greedy models llama-linked
 	@scripts/test.sh all
 
 test-rust: source
@@ -77,7 +81,7 @@ test-rust: source
 test-c: harness
 	@scripts/test.sh c
 
-test-e2e: lib llama greedy models
+test-e2e: lib llama greedy models llama-linked
 	@scripts/test.sh e2e
 
 test-numa: lib llama harness greedy models

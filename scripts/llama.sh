@@ -3,6 +3,8 @@
 #
 #   scripts/llama.sh source   extract (or copy LLAMA_CPP_DIR) and patch into third_party/llama.cpp
 #   scripts/llama.sh build    configure and build into build/llama (runs `source` first if needed)
+#   scripts/llama.sh linked   llama-completion built with GGML_NUMA_MOE_LINK (libnuma_moe.so linked
+#                             into ggml-cpu instead of found at run time) into build/llama-linked
 #
 # The tree is rebuilt only when the pin, the patches or the source directory change: a stamp
 # holding their hash sits beside the patched tree. Upstream files never leave these ignored folders.
@@ -86,21 +88,33 @@ cmd_source() {
     mv "$SRC.tmp" "$SRC"
 }
 
+cpu_flags=()
+case "$(uname -m)" in
+    # x86-64-v3 (AVX2, FMA, F16C, BMI2) rather than -march=native, so that one build runs here,
+    # in the QEMU NUMA guests (TCG emulates AVX2 but not AVX-512) and on other hosts
+    x86_64) cpu_flags=(-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON) ;;
+esac
+export CCACHE_BASEDIR=$root CCACHE_NOHASHDIR=1 CCACHE_SLOPPINESS=${CCACHE_SLOPPINESS:-include_file_mtime,include_file_ctime,time_macros}
+common_flags=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+              -DGGML_CCACHE=ON -DGGML_NUMA_MOE=ON -DGGML_NUMA_MOE_DIR="$root")
+
+cmd_linked() {
+    cmd_source
+    local lib=$root/target/release/libnuma_moe.so
+    [ -f "$lib" ] || { log "ERROR: $lib is missing: run make lib first"; exit 1; }
+    local dir=$root/build/llama-linked
+    cmake -S "$SRC" -B "$dir" "${common_flags[@]}" -DLLAMA_BUILD_TESTS=OFF "${cpu_flags[@]}" -DGGML_NUMA_MOE_LINK="$lib" >/dev/null
+    if ! cmake --build "$dir" -j "$JOBS" --target llama-completion > "$dir/build.log" 2>&1; then
+        grep -E "error|Error" "$dir/build.log" | head -40 >&2
+        log "ERROR: building llama.cpp with GGML_NUMA_MOE_LINK failed (full log: $dir/build.log)"
+        exit 1
+    fi
+}
+
 cmd_build() {
     cmd_source
-    # CPU flags: x86-64-v3 (AVX2, FMA, F16C, BMI2) rather than -march=native, so that one build
-    # runs here, in the QEMU NUMA guests (TCG emulates AVX2 but not AVX-512) and on other hosts.
-    local cpu_flags=()
-    case "$(uname -m)" in
-        x86_64) cpu_flags=(-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
-                           -DGGML_F16C=ON -DGGML_BMI2=ON) ;;
-    esac
-    export CCACHE_BASEDIR=$root CCACHE_NOHASHDIR=1 CCACHE_SLOPPINESS=${CCACHE_SLOPPINESS:-include_file_mtime,include_file_ctime,time_macros}
     if [ ! -f "$BUILD/CMakeCache.txt" ] || [ "$SRC/.numa-moe-stamp" -nt "$BUILD/CMakeCache.txt" ]; then
-        cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-            -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON \
-            -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CCACHE=ON "${cpu_flags[@]}" \
-            -DGGML_NUMA_MOE=ON -DGGML_NUMA_MOE_DIR="$root" >/dev/null
+        cmake -S "$SRC" -B "$BUILD" "${common_flags[@]}" -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON "${cpu_flags[@]}" >/dev/null
     fi
     local log=$BUILD/build.log
     if ! cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}" > "$log" 2>&1; then
@@ -117,5 +131,6 @@ cmd_build() {
 case "${1:-build}" in
     source) cmd_source ;;
     build)  cmd_build ;;
-    *) echo "usage: $0 source|build" >&2; exit 2 ;;
+    linked) cmd_linked ;;
+    *) echo "usage: $0 source|build|linked" >&2; exit 2 ;;
 esac

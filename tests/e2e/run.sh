@@ -222,6 +222,20 @@ for tool in llama-server llama-cli; do
     if grep -q -- "--numa-expert-map" <<< "$help"; then pass; else fail "$tool has no --numa-expert-map"; fi
 done
 
+# 6. a build that links libnuma_moe.so (GGML_NUMA_MOE_LINK) needs no LD_PRELOAD
+linked=$root/build/llama-linked/bin/llama-completion
+if [ -x "$linked" ]; then
+    ok=0
+    for attempt in 1 2 3; do
+        NUMA_MOE_TOPOLOGY=$TWO "$linked" -m "$M/many/e32u4-q8_0.gguf" -p "$PROMPT" -n 4 --temp 0 -no-cnv -t 2 -c 256 -v \
+            --numa-expert-map rows > "$OUT/linked.out" 2> "$OUT/linked.err"
+        grep -q "eval time" "$OUT/linked.err" && { ok=1; break; }
+    done
+    if [ $ok = 1 ] && grep -q "numa-moe: 6 expert tensors" "$OUT/linked.err"; then pass; else fail "GGML_NUMA_MOE_LINK build: no placement report"; fi
+else
+    fail "missing $linked (make llama-linked)"
+fi
+
 [ ${#skipped[@]} -gt 0 ] && echo "e2e: skipped ${skipped[*]} (no stacked expert tensors in the file)"
 echo "e2e: $(( ${#models[@]} - ${#skipped[@]} )) MoE models compared"
 echo "$passed passed, $failed failed"
