@@ -71,15 +71,17 @@ others_busy() {
 
 # waits up to $WAIT seconds for the machine to be quiet (others below 10% of the CPUs)
 wait_quiet() {
-    local b i
+    local b=0 i
     for ((i = 0; i < WAIT; i++)); do
         b=$(others_busy)
         if [ "$b" -le 10 ]; then
             return 0
         fi
     done
-    echo "> note: other processes kept ${b}% of the CPUs busy when this part started; its numbers may be noisy"
-    echo
+    if [ "$WAIT" -gt 0 ]; then
+        echo "> note: other processes kept ${b}% of the CPUs busy when this part started; its numbers may be noisy"
+        echo
+    fi
 }
 
 skip() { [[ "$SKIP" == *" $1 "* ]]; }
@@ -281,20 +283,19 @@ if ! skip e2e; then
     echo "experts into its own buffer, instead of used from the mapped file). Invocations alternate (the first"
     echo "configuration rotates every round)."
     echo
+    # qwen3_like PATH TYPE LAYERS: Qwen3-30B-A3B's expert shapes, written once
+    qwen3_like() {
+        [ -f "$1" ] || "$GEN" --out "$1" --experts 128 --used 8 --embd 2048 --ff 768 --layers "$3" --vocab 1024 --heads 32 \
+            --head-kv 4 --head-dim 128 --type "$2" > /dev/null 2>&1 || { echo "bench: make-moe-model failed" >&2; exit 2; }
+    }
     Q4K=$MODELS/qwen3moe-a3b-4l-q4_K.gguf
-    if [ ! -f "$Q4K" ]; then
-        "$GEN" --out "$Q4K" --experts 128 --used 8 --embd 2048 --ff 768 --layers 4 --vocab 1024 --heads 32 --head-kv 4 \
-            --head-dim 128 --type q4_K > /dev/null 2>&1 || { echo "bench: make-moe-model failed" >&2; exit 2; }
-    fi
+    qwen3_like "$Q4K" q4_K 4
     echo "### q4_K experts, 4 layers (CPU_REPACK takes q4_K: on one node numa-moe leaves it there by design)"
     echo
     e2e_model q4_K "$Q4K" stock numa-moe stock-repack0
     if [ "$QUICK" != 1 ]; then
         BF16=$MODELS/qwen3moe-a3b-2l-bf16.gguf
-        if [ ! -f "$BF16" ]; then
-            "$GEN" --out "$BF16" --experts 128 --used 8 --embd 2048 --ff 768 --layers 2 --vocab 1024 --heads 32 --head-kv 4 \
-                --head-dim 128 --type bf16 > /dev/null 2>&1 || { echo "bench: make-moe-model failed" >&2; exit 2; }
-        fi
+        qwen3_like "$BF16" bf16 2
         echo "### bf16 experts, 2 layers (CPU_REPACK does not take bf16: numa-moe computes the experts)"
         echo
         e2e_model bf16 "$BF16" stock numa-moe stock-nommap
