@@ -154,13 +154,6 @@ impl Region {
         // SAFETY: checked above.
         unsafe { std::ptr::write_bytes(self.ptr.add(offset), value, len) }
     }
-
-    /// Copies `len` bytes at `offset` of `other` to the same offset here.
-    pub fn copy_from_region(&self, other: &Region, offset: usize, len: usize) {
-        other.check(offset, len);
-        // SAFETY: both ranges are checked and lie in two distinct mappings.
-        unsafe { self.write_from(offset, other.ptr.add(offset), len) }
-    }
 }
 
 impl Drop for Region {
