@@ -17,6 +17,9 @@ use crate::memory::{self, PageReport, Region, Strictness};
 use crate::placement::{self, Binding, ExpertTensor, Piece, PlanOptions, TensorPlan};
 use crate::topology::format_gib;
 
+/// How many pages of expert memory the load-time check asks the kernel about at most.
+pub(crate) const VERIFY_PAGES: u64 = 1 << 20;
+
 /// Expert tensors placed by live buffers, and their bytes (all copies).
 pub static PLACED_TENSORS: AtomicU64 = AtomicU64::new(0);
 pub static PLACED_BYTES: AtomicU64 = AtomicU64::new(0);
@@ -416,6 +419,11 @@ impl NumaBuffer {
 
     /// Where the pages of one planned tensor are (every copy), against its plan.
     pub fn verify_tensor(&self, p: &PlacedTensor) -> Result<PageReport, crate::sys::SysError> {
+        self.verify_tensor_sampled(p, 1)
+    }
+
+    /// As [`NumaBuffer::verify_tensor`], looking at every `stride`-th page.
+    fn verify_tensor_sampled(&self, p: &PlacedTensor, stride: usize) -> Result<PageReport, crate::sys::SysError> {
         let mut total = PageReport::default();
         let primary = self.region.as_ptr().wrapping_add(p.offset);
         let degraded = p.degraded.lock().is_some();
@@ -429,7 +437,7 @@ impl NumaBuffer {
                     Binding::Node(n) if !degraded => Some(*n),
                     _ => None,
                 };
-                let mut r = memory::page_report(base as usize + e.offset as usize, e.len as usize, planned)?;
+                let mut r = memory::page_report_sampled(base as usize + e.offset as usize, e.len as usize, stride, planned)?;
                 if let Some((off, want, got)) = r.first_misplaced.take() {
                     let at = e.offset + off.parse::<u64>().unwrap_or(0);
                     let copy = if k == 0 { String::new() } else { format!(" (copy for node {})", c.node.unwrap_or(0)) };
@@ -441,13 +449,20 @@ impl NumaBuffer {
         Ok(total)
     }
 
-    /// Where the pages of every planned tensor are, against the plan.
-    pub fn verify(&self) -> Result<PageReport, crate::sys::SysError> {
+    /// Where the pages of every planned tensor are, against the plan: every page of up to
+    /// [`VERIFY_PAGES`] pages of expert memory, an even sample of larger models (a 300 GiB
+    /// model has 80 million pages; asking the kernel about all of them would stall the first
+    /// token for many seconds). Returns the report and the stride used.
+    pub fn verify(&self) -> Result<(PageReport, usize), crate::sys::SysError> {
+        let placed = self.placed();
+        let page = crate::sys::page_size() as u64;
+        let pages: u64 = placed.iter().map(|p| p.all_bytes() / page).sum();
+        let stride = pages.div_ceil(VERIFY_PAGES).max(1) as usize;
         let mut total = PageReport::default();
-        for p in self.placed() {
-            total.merge(&self.verify_tensor(&p)?);
+        for p in placed {
+            total.merge(&self.verify_tensor_sampled(&p, stride)?);
         }
-        Ok(total)
+        Ok((total, stride))
     }
 
     /// Verifies once (at first compute, when the weights are loaded) and logs the result.
@@ -456,18 +471,20 @@ impl NumaBuffer {
             return;
         }
         match self.verify() {
-            Ok(r) => {
-                let nodes: Vec<String> = r.per_node.iter().map(|(n, c)| format!("node {n} {}", format_gib(c * crate::sys::page_size() as u64))).collect();
+            Ok((r, stride)) => {
+                let scale = stride as u64 * crate::sys::page_size() as u64;
+                let nodes: Vec<String> = r.per_node.iter().map(|(n, c)| format!("node {n} {}", format_gib(c * scale))).collect();
+                let sample = if stride > 1 { format!(" (every {stride}th page)") } else { String::new() };
                 if r.misplaced == 0 {
                     crate::log::info(&format!(
-                        "numa-moe: verified {} resident pages of expert memory ({}): none off its planned node",
+                        "numa-moe: verified {} resident pages{sample} of expert memory ({}): none off its planned node",
                         r.resident(),
                         nodes.join(", ")
                     ));
                 } else {
                     let (at, want, got) = r.first_misplaced.clone().unwrap_or_default();
                     crate::log::warn(&format!(
-                        "numa-moe: warning: {} of {} expert pages are off their planned node ({}); the first is {at}: planned node {want}, found on node {got}",
+                        "numa-moe: warning: {} of {} expert pages{sample} are off their planned node ({}); the first is {at}: planned node {want}, found on node {got}",
                         r.misplaced,
                         r.resident(),
                         nodes.join(", ")

@@ -200,6 +200,17 @@ impl PageReport {
 /// byte) and compares each resident page with `planned(offset of its first byte from addr)`;
 /// `None` means no expectation.
 pub fn page_report(addr: usize, len: usize, planned: impl Fn(usize) -> Option<u32>) -> Result<PageReport, SysError> {
+    page_report_sampled(addr, len, 1, planned)
+}
+
+/// As [`page_report`], for every `stride`-th page only (counts are of the pages looked at).
+pub fn page_report_sampled(
+    addr: usize,
+    len: usize,
+    stride: usize,
+    planned: impl Fn(usize) -> Option<u32>,
+) -> Result<PageReport, SysError> {
+    let stride = stride.max(1);
     let page = sys::page_size();
     let start = addr.div_ceil(page) * page;
     let end = (addr + len).div_ceil(page) * page;
@@ -210,8 +221,8 @@ pub fn page_report(addr: usize, len: usize, planned: impl Fn(usize) -> Option<u3
     let mut p = start;
     while p < end {
         pages.clear();
-        let n = ((end - p) / page).min(BATCH);
-        pages.extend((0..n).map(|i| (p + i * page) as *const u8));
+        let n = ((end - p) / page).div_ceil(stride).min(BATCH);
+        pages.extend((0..n).map(|i| (p + i * stride * page) as *const u8));
         sys::page_nodes(&pages, &mut status[..n])?;
         for (i, &s) in status[..n].iter().enumerate() {
             if s < 0 {
@@ -219,7 +230,7 @@ pub fn page_report(addr: usize, len: usize, planned: impl Fn(usize) -> Option<u3
                 continue;
             }
             *report.per_node.entry(s as u32).or_default() += 1;
-            let first_byte = p + i * page - addr;
+            let first_byte = p + i * stride * page - addr;
             if let Some(want) = planned(first_byte) {
                 if want != s as u32 {
                     report.misplaced += 1;
@@ -227,7 +238,7 @@ pub fn page_report(addr: usize, len: usize, planned: impl Fn(usize) -> Option<u3
                 }
             }
         }
-        p += n * page;
+        p += n * stride * page;
     }
     Ok(report)
 }

@@ -101,3 +101,19 @@ fn affinity_can_be_narrowed_and_restored_and_getcpu_follows() {
 fn mems_allowed_lists_a_memory_node() {
     assert!(sys::mems_allowed().unwrap().contains(first_memory_node()));
 }
+
+#[test]
+fn sampled_reports_look_at_every_nth_page() {
+    let node = first_memory_node();
+    let r = Region::new(16 << 20, 4096).unwrap();
+    r.bind(0..16 << 20, &Binding::Node(node), Strictness::Bind).unwrap();
+    r.fill(0, 16 << 20, 1);
+    let all = numa_moe::memory::page_report_sampled(r.as_ptr() as usize, 16 << 20, 1, |_| Some(node)).unwrap();
+    let some = numa_moe::memory::page_report_sampled(r.as_ptr() as usize, 16 << 20, 7, |_| Some(node)).unwrap();
+    assert_eq!(all.resident(), 4096);
+    assert_eq!(some.resident(), 4096_u64.div_ceil(7));
+    assert_eq!(some.misplaced, 0);
+    // a planned node the pages are not on is seen in the sample too
+    let wrong = numa_moe::memory::page_report_sampled(r.as_ptr() as usize, 16 << 20, 7, |_| Some(node + 1)).unwrap();
+    assert_eq!(wrong.misplaced, some.resident());
+}
