@@ -28,8 +28,8 @@ say "this machine, as numa-moe sees it (numa-moe topology)"
 say "the plan for this machine (numa-moe plan --map rows)"
 "$CLI" plan --model "$MODEL" --map rows
 
-say "the same model planned for a 2-socket, 8-node EPYC (numa-moe plan --topology ...)"
-"$CLI" plan --model "$MODEL" --map rows --topology "package:2 numa:4 core:12 pu:2" --threads 96
+say "the same model planned for a 2-socket EPYC in NPS4, 8 nodes (numa-moe plan --topology tests/topologies/...)"
+"$CLI" plan --model "$MODEL" --map rows --topology "$root/tests/topologies/epyc-2s-nps4.xml" --threads 96
 
 say "llama-completion with LD_PRELOAD=libnuma_moe.so --numa-expert-map rows"
 ok=0
@@ -46,6 +46,20 @@ grep -E " [IWE] numa-moe|NUMA_MOE model buffer size = +[1-9]" "$OUT/completion.e
 echo "generated: $(head -c 400 "$OUT/completion.out")"
 grep -E "eval time" "$OUT/completion.err" | sed 's/^[0-9.]* [A-Z] //'
 [ $ok = 1 ] || echo "(llama-completion's log was cut short three times; see $OUT/completion.err)"
+
+if [ "$("$CLI" topology --json | grep -o '"id":' | wc -l)" -lt 2 ]; then
+    say "one node here: the same run planned for a described 2-socket machine (NUMA_MOE_TOPOLOGY; memory not bound)"
+    for attempt in 1 2 3; do
+        NUMA_MOE_TOPOLOGY=$root/tests/topologies/xeon-2s.xml LD_PRELOAD=$LIB "$B/llama-completion" -m "$MODEL" \
+            -p "Once upon a time" -n 16 --temp 0 --seed 1 -no-cnv -t 2 --numa-expert-map rows -v > "$OUT/described.out" 2> "$OUT/described.err"
+        grep -q "eval time" "$OUT/described.err" && break
+    done
+    grep -E " [IWE] numa-moe" "$OUT/described.err" | sed 's/^[0-9.]* [A-Z] //'
+    n=$(wc -c < "$OUT/described.out")
+    if [ "$n" -gt 0 ] && cmp -s <(head -c "$n" "$OUT/described.out") <(head -c "$n" "$OUT/completion.out"); then
+        echo "generated: $(cat "$OUT/described.out") (the same tokens as the run above)"
+    fi
+fi
 
 say "a running llama-server, checked from outside (numa-moe verify --pid)"
 LD_PRELOAD=$LIB "$B/llama-server" -m "$MODEL" --numa-expert-map rows -t 2 --port 0 > "$OUT/server.log" 2>&1 &
