@@ -55,9 +55,9 @@ if [ "$("$CLI" topology --json | grep -o '"id":' | wc -l)" -lt 2 ]; then
         grep -q "eval time" "$OUT/described.err" && break
     done
     grep -E " [IWE] numa-moe" "$OUT/described.err" | sed 's/^[0-9.]* [A-Z] //'
-    n=$(wc -c < "$OUT/described.out")
-    if [ "$n" -gt 0 ] && cmp -s <(head -c "$n" "$OUT/described.out") <(head -c "$n" "$OUT/completion.out"); then
-        echo "generated: $(cat "$OUT/described.out") (the same tokens as the run above)"
+    text=$(tr -d '\n' < "$OUT/described.out")
+    if [ -n "$text" ] && [ "$(head -c ${#text} "$OUT/completion.out")" = "$text" ]; then
+        echo "generated: $text (the same tokens as the run above)"
     fi
 fi
 
