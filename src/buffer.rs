@@ -162,9 +162,6 @@ impl NumaBuffer {
         let loads = plan.bytes_per_node();
         for (i, &(node, b)) in loads.iter().enumerate() {
             if let Err((need, have)) = rt.reserve(node, b) {
-                for &(n, b) in &loads[..i] {
-                    rt.release(n, b);
-                }
                 let msg = format!(
                     "cannot place {} on node {node}: expert memory planned there would reach {} but the node has {} free ({} short)",
                     info.name,
@@ -173,17 +170,19 @@ impl NumaBuffer {
                     format_gib(need - have)
                 );
                 if strict {
+                    for &(n, b) in &loads[..i] {
+                        rt.release(n, b);
+                    }
                     return Err(msg);
                 }
-                crate::log::warn_once(rt, 
+                crate::log::warn_once(
+                    rt,
                     &format!("short{node}"),
                     &format!("numa-moe: warning: {msg}; using preferred (not bound) placement for such tensors"),
                 );
                 strictness = Strictness::Preferred;
                 degraded = Some(format!("{msg}; preferred (not bound) placement"));
-                for &(n, b) in &loads[..i] {
-                    rt.reserve_unchecked(n, b);
-                }
+                // what this tensor still plans is counted, so later tensors see the node as full
                 for &(n, b) in &loads[i..] {
                     rt.reserve_unchecked(n, b);
                 }

@@ -286,6 +286,17 @@ fn placed_weights(op: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<
     Some((buf, p))
 }
 
+/// The parts of a MUL_MAT_ID numa-moe computes itself: its weights' buffer and plan, and the
+/// op with its kernels resolved. `None`: ggml-cpu's stock kernel computes it.
+fn hooked_op(api: &'static Api, op: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>, MmidOp)> {
+    let (buf, placed) = placed_weights(op)?;
+    if placed.plan.compute == Compute::Stock {
+        return None;
+    }
+    let mm = MmidOp::new(api, op)?;
+    Some((buf, placed, mm))
+}
+
 /// Whether ggml-cpu can run `op` with a source in our buffer, and, while llama.cpp's loader
 /// probes where to put an expert tensor (no data yet), whether we take that tensor.
 ///
@@ -358,12 +369,7 @@ pub unsafe extern "C" fn numa_moe_ggml_work_size(n_threads: i32, op: *const c_vo
     boundary_value("numa_moe_ggml_work_size", false, || {
         // SAFETY: forwarded from this function's contract.
         let (Some(op), Some(size)) = (unsafe { TensorRef::new(op.cast()) }, unsafe { size.as_mut() }) else { return false };
-        let Some(api) = ggml::api() else { return false };
-        let Some((_, placed)) = placed_weights(op) else { return false };
-        if placed.plan.compute == Compute::Stock {
-            return false;
-        }
-        let Some(mm) = MmidOp::new(api, op) else { return false };
+        let Some((_, _, mm)) = ggml::api().and_then(|api| hooked_op(api, op)) else { return false };
         *size = crate::compute::work_size(&mm, n_threads.max(1) as usize);
         true
     })
@@ -380,11 +386,7 @@ pub unsafe extern "C" fn numa_moe_ggml_compute_forward(params: *const NumaMoeCom
         // SAFETY: forwarded from this function's contract.
         let (Some(params), Some(op)) = (unsafe { params.as_ref() }, unsafe { TensorRef::new(op.cast()) }) else { return false };
         let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return false };
-        let Some((buf, placed)) = placed_weights(op) else { return false };
-        if placed.plan.compute == Compute::Stock {
-            return false;
-        }
-        let Some(mm) = MmidOp::new(api, op) else { return false };
+        let Some((buf, placed, mm)) = hooked_op(api, op) else { return false };
         crate::compute::compute(rt, api, &mm, buf, &placed, params)
     })
 }
