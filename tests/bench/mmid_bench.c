@@ -21,6 +21,7 @@
 #define _GNU_SOURCE
 
 #include "numa_moe.h"
+#include "../c/cpu_extra_bufts.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -487,11 +488,7 @@ static void fill_weights(struct ggml_tensor * w, uint8_t * dst, uint64_t seed) {
 static ggml_backend_buffer_type_t g_numa_buft, g_repack_buft;
 
 static void find_bufts(void) {
-    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-    ggml_backend_dev_get_extra_bufts_t get =
-        (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
-    ggml_backend_buffer_type_t * list = get ? get(dev) : NULL;
+    ggml_backend_buffer_type_t * list = cpu_extra_bufts();
     for (int i = 0; list && list[i]; i++) {
         const char * name = ggml_backend_buft_name(list[i]);
         if (i == 0 && !strcmp(name, "NUMA_MOE")) {

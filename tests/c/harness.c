@@ -7,6 +7,8 @@
 
 #include "numa_moe.h"
 
+#include "cpu_extra_bufts.h"
+
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
@@ -200,11 +202,7 @@ static void test_pages_per_node(void) {
 // the buffer type
 
 static ggml_backend_buffer_type_t numa_moe_buft(void) {
-    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-    ggml_backend_dev_get_extra_bufts_t get =
-        (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
-    ggml_backend_buffer_type_t * list = get ? get(dev) : NULL;
+    ggml_backend_buffer_type_t * list = cpu_extra_bufts();
     return list ? list[0] : NULL;
 }
 
