@@ -78,11 +78,7 @@ fn header(manifest: &Path, out: &Path) {
     println!("cargo:rerun-if-env-changed=NUMA_MOE_UPDATE_HEADER");
     println!("cargo:rerun-if-env-changed=NUMA_MOE_HEADER_CHECK");
     let config = cbindgen::Config::from_file(manifest.join("cbindgen.toml")).expect("read cbindgen.toml");
-    let generated = cbindgen::Builder::new()
-        .with_crate(manifest)
-        .with_config(config)
-        .generate()
-        .expect("cbindgen failed");
+    let generated = cbindgen::Builder::new().with_crate(manifest).with_config(config).generate().expect("cbindgen failed");
     let tmp = out.join("numa_moe.h");
     generated.write_to_file(&tmp);
     let new = std::fs::read_to_string(&tmp).unwrap();

@@ -194,7 +194,8 @@ impl NumaBuffer {
         let bind = rt.binds();
         if bind {
             for e in &plan.copies[0].extents {
-                if let Err(err) = self.region.bind(offset + e.offset as usize..offset + (e.offset + e.len) as usize, &e.binding, strictness) {
+                if let Err(err) = self.region.bind(offset + e.offset as usize..offset + (e.offset + e.len) as usize, &e.binding, strictness)
+                {
                     let msg = format!(
                         "cannot bind {} of {} (from {}) to {}: {err}",
                         format_gib(e.len),
@@ -217,9 +218,8 @@ impl NumaBuffer {
             let made = Region::new(bytes, crate::sys::page_size()).map_err(|e| e.to_string()).and_then(|r| {
                 if bind {
                     for e in &c.extents {
-                        r.bind(e.offset as usize..(e.offset + e.len) as usize, &e.binding, strictness).map_err(|err| {
-                            format!("cannot bind the copy of {} for node {}: {err}", info.name, c.node.unwrap_or(0))
-                        })?;
+                        r.bind(e.offset as usize..(e.offset + e.len) as usize, &e.binding, strictness)
+                            .map_err(|err| format!("cannot bind the copy of {} for node {}: {err}", info.name, c.node.unwrap_or(0)))?;
                     }
                 }
                 Ok(r)
@@ -404,7 +404,8 @@ impl NumaBuffer {
         let mut parts = Vec::new();
         for l in loads.iter().filter(|l| l.bytes > 0) {
             let example = placed.iter().find(|p| p.plan.pieces().iter().any(|x| x.node == l.node));
-            let share = example.map(|p| format!(", {}: {}", short_name(&p.plan.tensor.name), p.plan.describe_share(l.node))).unwrap_or_default();
+            let share =
+                example.map(|p| format!(", {}: {}", short_name(&p.plan.tensor.name), p.plan.describe_share(l.node))).unwrap_or_default();
             parts.push(format!("node {}: {} ({} tensors{share})", l.node, format_gib(l.bytes), l.tensors));
         }
         lines.push(format!("numa-moe: {}", parts.join(" | ")));
@@ -440,7 +441,8 @@ impl NumaBuffer {
                 if let Some((off, want, got)) = r.first_misplaced.take() {
                     let at = e.offset + off.parse::<u64>().unwrap_or(0);
                     let copy = if k == 0 { String::new() } else { format!(" (copy for node {})", c.node.unwrap_or(0)) };
-                    r.first_misplaced = Some((format!("{}{copy} at byte {at} ({})", p.plan.tensor.name, describe_extent(&p.plan, at)), want, got));
+                    r.first_misplaced =
+                        Some((format!("{}{copy} at byte {at} ({})", p.plan.tensor.name, describe_extent(&p.plan, at)), want, got));
                 }
                 total.merge(&r);
             }

@@ -67,10 +67,8 @@ pub fn assign(topo: &Topology, roster: &[u32], piece_nodes: &[u32]) -> Assignmen
         *c += 1;
     }
     let groups: Vec<u32> = group_size.keys().copied().collect();
-    let group_of_node = piece_nodes
-        .iter()
-        .map(|&p| (p, if groups.contains(&p) { p } else { topo.nearest(p, &groups).unwrap_or(groups[0]) }))
-        .collect();
+    let group_of_node =
+        piece_nodes.iter().map(|&p| (p, if groups.contains(&p) { p } else { topo.nearest(p, &groups).unwrap_or(groups[0]) })).collect();
     Assignment { group_of_thread, rank, group_size, group_of_node }
 }
 
@@ -92,7 +90,11 @@ fn thread_node(rt: &Runtime, api: &Api, ith: usize, nth: usize) -> u32 {
                 if let Some(slot) = plan_workers(topo, nth).get(ith) {
                     let cpus: Vec<u32> = topo.node(slot.node).map(|n| n.cpus.iter().map(|c| c.os).collect()).unwrap_or_default();
                     if let Err(e) = crate::sys::set_thread_affinity(&cpus) {
-                        crate::log::warn_once(rt, "pin", &format!("numa-moe: warning: cannot pin worker threads ({e}); assigning work by the node each thread runs on"));
+                        crate::log::warn_once(
+                            rt,
+                            "pin",
+                            &format!("numa-moe: warning: cannot pin worker threads ({e}); assigning work by the node each thread runs on"),
+                        );
                     }
                     p.set(Some((nth, slot.node)));
                 }

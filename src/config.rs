@@ -72,10 +72,7 @@ fn env_choice<T: Copy>(name: &str, choices: &[(&str, T)], default: T) -> Result<
         Err(_) => Ok(default),
         Ok(v) if v.trim().is_empty() => Ok(default),
         Ok(v) => choices.iter().find(|(k, _)| *k == v.trim()).map(|(_, t)| *t).ok_or_else(|| {
-            format!(
-                "{name}={v} is not understood (use one of: {})",
-                choices.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
-            )
+            format!("{name}={v} is not understood (use one of: {})", choices.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", "))
         }),
     }
 }
@@ -87,15 +84,13 @@ impl Runtime {
         // quietly: it becomes the pending error that fails the first expert allocation.
         let mut problems = Vec::new();
         let (map, map_origin) = match std::env::var(MAP_ENV) {
-            Ok(text) if !text.trim().is_empty() => {
-                match ExpertMap::parse(&text).and_then(|m| m.check_nodes(&topology).map(|()| m)) {
-                    Ok(map) => (map, MAP_ENV.to_string()),
-                    Err(e) => {
-                        problems.push(format!("{MAP_ENV}: {e}"));
-                        (ExpertMap::policy(Policy::Off), MAP_ENV.to_string())
-                    }
+            Ok(text) if !text.trim().is_empty() => match ExpertMap::parse(&text).and_then(|m| m.check_nodes(&topology).map(|()| m)) {
+                Ok(map) => (map, MAP_ENV.to_string()),
+                Err(e) => {
+                    problems.push(format!("{MAP_ENV}: {e}"));
+                    (ExpertMap::policy(Policy::Off), MAP_ENV.to_string())
                 }
-            }
+            },
             _ => (ExpertMap::policy(Policy::Auto), "default".to_string()),
         };
         fn choice<T>(r: Result<T, String>, default: T, problems: &mut Vec<String>) -> T {
@@ -109,7 +104,11 @@ impl Runtime {
             OnError::Fallback,
             &mut problems,
         );
-        let pin = choice(env_choice("NUMA_MOE_PIN", &[("auto", PinMode::Auto), ("off", PinMode::Off)], PinMode::Auto), PinMode::Auto, &mut problems);
+        let pin = choice(
+            env_choice("NUMA_MOE_PIN", &[("auto", PinMode::Auto), ("off", PinMode::Off)], PinMode::Auto),
+            PinMode::Auto,
+            &mut problems,
+        );
         let huge_pages = choice(env_choice("NUMA_MOE_THP", &[("1", true), ("0", false)], false), false, &mut problems);
         let verify = choice(env_choice("NUMA_MOE_VERIFY", &[("1", true), ("0", false)], true), true, &mut problems);
         let force_bind = choice(env_choice("NUMA_MOE_FORCE_BIND", &[("1", true), ("0", false)], false), false, &mut problems);

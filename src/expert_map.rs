@@ -370,10 +370,9 @@ impl ExpertMap {
             match &r.layers {
                 None => {
                     if default.is_some() {
-                        return Err(self.err(
-                            Some(r.span.clone()),
-                            "two rules apply to all layers; give layer selections like \"blk.0-3=\"",
-                        ));
+                        return Err(
+                            self.err(Some(r.span.clone()), "two rules apply to all layers; give layer selections like \"blk.0-3=\"")
+                        );
                     }
                     default = Some(r);
                 }
@@ -455,19 +454,13 @@ impl ExpertMap {
         let ids = topo.node_ids();
         for (n, span) in self.named_nodes() {
             let Some(node) = topo.node(n) else {
-                return Err(self.err(
-                    Some(span),
-                    format!("node {n} does not exist (nodes on this machine: {})", join(&ids, ", ")),
-                ));
+                return Err(self.err(Some(span), format!("node {n} does not exist (nodes on this machine: {})", join(&ids, ", "))));
             };
             if !node.has_memory() {
                 return Err(self.err(Some(span), format!("node {n} has no memory, so no expert can be placed on it")));
             }
             if !node.mem_allowed {
-                return Err(self.err(
-                    Some(span),
-                    format!("node {n} is not allowed for this process (cpuset or numactl --membind)"),
-                ));
+                return Err(self.err(Some(span), format!("node {n} is not allowed for this process (cpuset or numactl --membind)")));
             }
         }
         Ok(())
@@ -476,9 +469,7 @@ impl ExpertMap {
     /// The rule that governs `layer` (`None` for tensors outside any block).
     pub fn rule_for(&self, layer: Option<u32>) -> Option<&Rule> {
         if let Some(l) = layer {
-            if let Some(r) =
-                self.rules.iter().find(|r| r.layers.as_ref().is_some_and(|ls| ls.iter().any(|&(a, b)| (a..=b).contains(&l))))
-            {
+            if let Some(r) = self.rules.iter().find(|r| r.layers.as_ref().is_some_and(|ls| ls.iter().any(|&(a, b)| (a..=b).contains(&l)))) {
                 return Some(r);
             }
         }
@@ -580,8 +571,20 @@ mod tests {
 
     #[test]
     fn parses_the_documented_examples() {
-        for s in ["rows", "rows@0,1", "0-7:0,8-15:1", "3:1,*:0", "0-3:0+1,4-7:1", "blk.0-2=mirror;blk.3-60=rows", "auto", "off",
-                  "interleave@0,1", "round-robin", "block@1", "blk.0,4-5=0-1:0,*:1;rows"] {
+        for s in [
+            "rows",
+            "rows@0,1",
+            "0-7:0,8-15:1",
+            "3:1,*:0",
+            "0-3:0+1,4-7:1",
+            "blk.0-2=mirror;blk.3-60=rows",
+            "auto",
+            "off",
+            "interleave@0,1",
+            "round-robin",
+            "block@1",
+            "blk.0,4-5=0-1:0,*:1;rows",
+        ] {
             assert_eq!(p(s).render(), s);
         }
     }

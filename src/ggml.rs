@@ -48,9 +48,7 @@ pub struct NumaMoeGgmlApi {
     /// ggml_tiled_wdata_size(n_tasks, dst); NULL where ggml-cpu has no tiled path.
     pub tiled_wdata_size: Option<unsafe extern "C" fn(i32, *const c_void) -> usize>,
     /// ggml_compute_forward_mul_mat_id_tiled for one expert; NULL where absent.
-    pub mmid_tiled: Option<
-        unsafe extern "C" fn(*const NumaMoeComputeParams, *mut c_void, i64, i64, *const i32, *mut c_char) -> bool,
-    >,
+    pub mmid_tiled: Option<unsafe extern "C" fn(*const NumaMoeComputeParams, *mut c_void, i64, i64, *const i32, *mut c_char) -> bool>,
     /// Whether ggml-cpu's CPU_REPACK buffer type would take the weights of this MUL_MAT_ID
     /// (asked the way llama.cpp's loader asks it); NULL where ggml-cpu has no repack.
     pub stock_repacks: Option<unsafe extern "C" fn(*const c_void) -> bool>,
@@ -97,11 +95,7 @@ pub fn attach(table: &NumaMoeGgmlApi) -> Result<&'static Api, String> {
             raw::GGML_BACKEND_API_VERSION
         ));
     }
-    if table.buffer_init.is_none()
-        || table.get_type_traits.is_none()
-        || table.get_type_traits_cpu.is_none()
-        || table.barrier.is_none()
-    {
+    if table.buffer_init.is_none() || table.get_type_traits.is_none() || table.get_type_traits_cpu.is_none() || table.barrier.is_none() {
         return Err("ggml adapter table lacks a required function".into());
     }
     Ok(API.get_or_init(|| Api(*table)))
@@ -247,8 +241,7 @@ impl TensorRef {
 
     pub fn name(&self) -> String {
         // SAFETY: name is a fixed-size char array; stop at the first NUL or its end.
-        let bytes: Vec<u8> =
-            self.t().name.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+        let bytes: Vec<u8> = self.t().name.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -331,10 +324,7 @@ impl TensorRef {
     pub fn is_expert_stack_layout(&self, api: &Api) -> bool {
         let ne = self.ne();
         let nb = self.nb();
-        ne[3] == 1
-            && nb[0] == api.type_size(self.ty())
-            && nb[1] == api.row_size(self.ty(), ne[0])
-            && nb[2] == nb[1] * ne[1] as usize
+        ne[3] == 1 && nb[0] == api.type_size(self.ty()) && nb[1] == api.row_size(self.ty(), ne[0]) && nb[2] == nb[1] * ne[1] as usize
     }
 
     /// Raw pointer to the tensor's first byte, for copying in and out of our own memory.
@@ -594,7 +584,16 @@ impl MmidOp {
                         // SAFETY: row r of this expert and the activation row are inside
                         // their tensors; tmp has room for one float.
                         unsafe {
-                            vec_dot(ne00, tmp.as_mut_ptr().add((r - r0) as usize), 0, weights.add(r as usize * nb01).cast(), 0, col.cast(), 0, 1)
+                            vec_dot(
+                                ne00,
+                                tmp.as_mut_ptr().add((r - r0) as usize),
+                                0,
+                                weights.add(r as usize * nb01).cast(),
+                                0,
+                                col.cast(),
+                                0,
+                                1,
+                            )
                         };
                     }
                     let out = dst.wrapping_add(m.slot as usize * nbd[1] + m.token as usize * nbd[2]).cast::<f32>();

@@ -121,9 +121,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], GgufError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
-            GgufError(format!("truncated GGUF file: needs {n} bytes at offset {} but it has {}", self.pos, self.b.len()))
-        })?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.b.len()).ok_or_else(|| {
+                GgufError(format!("truncated GGUF file: needs {n} bytes at offset {} but it has {}", self.pos, self.b.len()))
+            })?;
         let s = &self.b[self.pos..end];
         self.pos = end;
         Ok(s)

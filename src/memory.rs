@@ -204,12 +204,7 @@ pub fn page_report(addr: usize, len: usize, planned: impl Fn(usize) -> Option<u3
 }
 
 /// As [`page_report`], for every `stride`-th page only (counts are of the pages looked at).
-pub fn page_report_sampled(
-    addr: usize,
-    len: usize,
-    stride: usize,
-    planned: impl Fn(usize) -> Option<u32>,
-) -> Result<PageReport, SysError> {
+pub fn page_report_sampled(addr: usize, len: usize, stride: usize, planned: impl Fn(usize) -> Option<u32>) -> Result<PageReport, SysError> {
     let stride = stride.max(1);
     let page = sys::page_size();
     let start = addr.div_ceil(page) * page;
@@ -311,7 +306,8 @@ impl SharedFileRange {
             let (range, perms, _off, _dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
             let (a, b) = range.split_once('-')?;
             let (a, b) = (usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?);
-            (perms.as_bytes().get(3) == Some(&b's') && inode != "0" && a <= addr && addr + len <= b).then_some(SharedFileRange { start: a, end: b })
+            (perms.as_bytes().get(3) == Some(&b's') && inode != "0" && a <= addr && addr + len <= b)
+                .then_some(SharedFileRange { start: a, end: b })
         })
     }
 

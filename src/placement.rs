@@ -198,7 +198,11 @@ impl Default for PlanOptions {
 pub enum PlanError {
     Map(MapError),
     /// A node would receive more than it has free.
-    OverFull { node: u32, need: u64, free: u64 },
+    OverFull {
+        node: u32,
+        need: u64,
+        free: u64,
+    },
     /// No node can hold experts (none has both memory and CPUs).
     NoNodes,
     /// The tensor's layout is not one numa-moe can place.
@@ -231,12 +235,7 @@ impl From<MapError> for PlanError {
 }
 
 /// Plans one tensor, or returns `None` when the map leaves it to llama.cpp.
-pub fn plan_tensor(
-    topo: &Topology,
-    map: &ExpertMap,
-    tensor: &ExpertTensor,
-    opts: &PlanOptions,
-) -> Result<Option<TensorPlan>, PlanError> {
+pub fn plan_tensor(topo: &Topology, map: &ExpertMap, tensor: &ExpertTensor, opts: &PlanOptions) -> Result<Option<TensorPlan>, PlanError> {
     if tensor.n_expert == 0 || tensor.rows == 0 || tensor.row_bytes == 0 {
         return Err(PlanError::Unsupported(format!("{} has an empty expert dimension", tensor.name)));
     }
@@ -269,8 +268,7 @@ pub fn plan_tensor(
                     planner.explicit(kind, &holders, true)
                 }
                 Policy::RoundRobin => {
-                    let holders: Vec<Vec<u32>> =
-                        (0..tensor.n_expert as usize).map(|e| vec![nodes[e % nodes.len()]]).collect();
+                    let holders: Vec<Vec<u32>> = (0..tensor.n_expert as usize).map(|e| vec![nodes[e % nodes.len()]]).collect();
                     planner.explicit(kind, &holders, true)
                 }
                 Policy::Interleave => TensorPlan {
@@ -426,8 +424,7 @@ pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
         return vec![0; weights.len()];
     }
     let mut parts: Vec<u64> = weights.iter().map(|&w| (total as u128 * w as u128 / sum as u128) as u64).collect();
-    let mut rem: Vec<(u128, usize)> =
-        weights.iter().enumerate().map(|(i, &w)| ((total as u128 * w as u128) % sum as u128, i)).collect();
+    let mut rem: Vec<(u128, usize)> = weights.iter().enumerate().map(|(i, &w)| ((total as u128 * w as u128) % sum as u128, i)).collect();
     rem.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let short = total - parts.iter().sum::<u64>();
     for &(_, i) in rem.iter().take(short as usize) {
@@ -513,14 +510,7 @@ mod tests {
     use crate::topology::Source;
 
     fn tensor(n_expert: u32, rows: u64, row_bytes: u64) -> ExpertTensor {
-        ExpertTensor {
-            name: "blk.0.ffn_up_exps.weight".into(),
-            layer: Some(0),
-            type_name: "q4_K".into(),
-            n_expert,
-            rows,
-            row_bytes,
-        }
+        ExpertTensor { name: "blk.0.ffn_up_exps.weight".into(), layer: Some(0), type_name: "q4_K".into(), n_expert, rows, row_bytes }
     }
 
     fn plan(topo: &Topology, map: &str, t: &ExpertTensor) -> TensorPlan {

@@ -118,10 +118,7 @@ impl NodeMask {
     }
 
     pub fn nodes(&self) -> Vec<u32> {
-        (0..self.words.len() * WORD_BITS)
-            .filter(|&n| self.contains(n as u32))
-            .map(|n| n as u32)
-            .collect()
+        (0..self.words.len() * WORD_BITS).filter(|&n| self.contains(n as u32)).map(|n| n as u32).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -227,18 +224,8 @@ pub unsafe fn madvise(ptr: *mut u8, len: usize, advice: libc::c_int) -> Result<(
 /// # Safety
 /// `addr..addr+len` must be a mapping owned by the caller. A policy never changes the
 /// contents of memory, but MPOL_MF_MOVE may migrate pages, which is invisible to Rust.
-pub unsafe fn mbind(
-    addr: *mut u8,
-    len: usize,
-    mode: PolicyMode,
-    nodes: &NodeMask,
-    flags: libc::c_uint,
-) -> Result<(), SysError> {
-    let (mask, maxnode) = if mode == PolicyMode::Default {
-        (std::ptr::null(), 0)
-    } else {
-        (nodes.as_ptr(), nodes.maxnode())
-    };
+pub unsafe fn mbind(addr: *mut u8, len: usize, mode: PolicyMode, nodes: &NodeMask, flags: libc::c_uint) -> Result<(), SysError> {
+    let (mask, maxnode) = if mode == PolicyMode::Default { (std::ptr::null(), 0) } else { (nodes.as_ptr(), nodes.maxnode()) };
     // SAFETY: the mask pointer is valid for maxnode-1 bits (or null with maxnode 0).
     let r = unsafe {
         libc::syscall(
@@ -346,12 +333,7 @@ pub fn getcpu() -> Result<(u32, u32), SysError> {
     let mut node: libc::c_uint = 0;
     // SAFETY: both out-pointers are valid; the third argument is unused by Linux.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_getcpu,
-            &mut cpu as *mut libc::c_uint,
-            &mut node as *mut libc::c_uint,
-            std::ptr::null_mut::<libc::c_void>(),
-        )
+        libc::syscall(libc::SYS_getcpu, &mut cpu as *mut libc::c_uint, &mut node as *mut libc::c_uint, std::ptr::null_mut::<libc::c_void>())
     };
     if r == 0 {
         Ok((cpu, node))

@@ -114,11 +114,7 @@ pub struct Topology {
 
 impl Topology {
     /// Builds a topology from parts, checking its invariants.
-    pub fn from_parts(
-        mut nodes: Vec<NumaNode>,
-        distances: Option<Vec<Vec<u32>>>,
-        source: Source,
-    ) -> Result<Self, TopologyError> {
+    pub fn from_parts(mut nodes: Vec<NumaNode>, distances: Option<Vec<Vec<u32>>>, source: Source) -> Result<Self, TopologyError> {
         if nodes.is_empty() {
             return err("a topology needs at least one NUMA node");
         }
@@ -228,10 +224,7 @@ impl Topology {
                     Some(ObjectAttributes::NUMANode(a)) => a.local_memory().map_or(0, |m| m.get()),
                     _ => 0,
                 };
-                let cpuset = o
-                    .cpuset()
-                    .map(|s| s.iter_set().map(|i| usize::from(i) as u32).collect())
-                    .unwrap_or_default();
+                let cpuset = o.cpuset().map(|s| s.iter_set().map(|i| usize::from(i) as u32).collect()).unwrap_or_default();
                 Raw { id: o.os_index().unwrap_or(0) as u32, cpuset, mem }
             })
             .collect();
@@ -242,10 +235,8 @@ impl Topology {
         }
         // Each PU goes to the most local node holding it: the smallest cpuset that contains it.
         // Memory-side nodes (HBM, CXL) that span a whole package therefore end up CPU-less.
-        let mut nodes: Vec<NumaNode> = raw
-            .iter()
-            .map(|r| NumaNode { id: r.id, cpus: Vec::new(), total_bytes: r.mem, free_bytes: None, mem_allowed: true })
-            .collect();
+        let mut nodes: Vec<NumaNode> =
+            raw.iter().map(|r| NumaNode { id: r.id, cpus: Vec::new(), total_bytes: r.mem, free_bytes: None, mem_allowed: true }).collect();
         for pu in topo.objects_with_type(ObjectType::PU) {
             let Some(os) = pu.os_index() else { continue };
             let os = os as u32;
@@ -254,11 +245,8 @@ impl Topology {
                 Some(c) => (c.logical_index() as u32, pu.sibling_rank() as u32),
                 None => (1_000_000 + pu.logical_index() as u32, 0),
             };
-            let best = raw
-                .iter()
-                .enumerate()
-                .filter(|(_, r)| r.cpuset.contains(&os))
-                .min_by_key(|(_, r)| (r.cpuset.len(), r.mem == 0, r.id));
+            let best =
+                raw.iter().enumerate().filter(|(_, r)| r.cpuset.contains(&os)).min_by_key(|(_, r)| (r.cpuset.len(), r.mem == 0, r.id));
             if let Some((i, _)) = best {
                 nodes[i].cpus.push(Cpu { os, core: core_id, smt });
             }
@@ -271,8 +259,7 @@ impl Topology {
     fn overlay_sysfs(&mut self, root: &Path) {
         let Ok(online) = fs::read_to_string(root.join("online")) else { return };
         let Some(ids) = parse_cpu_list(online.trim()) else { return };
-        let cores: std::collections::HashMap<u32, Cpu> =
-            self.nodes.iter().flat_map(|n| n.cpus.iter().map(|c| (c.os, *c))).collect();
+        let cores: std::collections::HashMap<u32, Cpu> = self.nodes.iter().flat_map(|n| n.cpus.iter().map(|c| (c.os, *c))).collect();
         let mut nodes = Vec::new();
         for id in ids {
             let dir = root.join(format!("node{id}"));
@@ -292,13 +279,7 @@ impl Topology {
                 _ => None,
             };
             let hw_total = self.node(id).map_or(0, |n| n.total_bytes);
-            nodes.push(NumaNode {
-                id,
-                cpus,
-                total_bytes: total.unwrap_or(hw_total),
-                free_bytes: free,
-                mem_allowed: true,
-            });
+            nodes.push(NumaNode { id, cpus, total_bytes: total.unwrap_or(hw_total), free_bytes: free, mem_allowed: true });
         }
         if nodes.is_empty() {
             return;
@@ -404,7 +385,12 @@ impl Topology {
             let free = n.free_bytes.map(|f| format!(", {} free", format_gib(f))).unwrap_or_default();
             let allowed = if n.mem_allowed { "" } else { ", memory not allowed for this process" };
             let cpus = if n.has_cpus() {
-                format!("{} core(s), {} cpu(s) [{}]", n.cores(), n.cpus.len(), render_cpu_list(&n.cpus.iter().map(|c| c.os).collect::<Vec<_>>()))
+                format!(
+                    "{} core(s), {} cpu(s) [{}]",
+                    n.cores(),
+                    n.cpus.len(),
+                    render_cpu_list(&n.cpus.iter().map(|c| c.os).collect::<Vec<_>>())
+                )
             } else {
                 "no cpus".into()
             };

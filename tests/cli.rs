@@ -90,7 +90,13 @@ fn plan_block_and_explicit_maps() {
 fn plan_warns_when_a_node_is_over_full() {
     let model = qwen3_like(4);
     let (code, out, err) = tool(&[
-        "plan", "--model", model.to_str().unwrap(), "--map", "0-119:0,*:1", "--topology", "package:2 numa:1(memory=1GB) core:2 pu:1",
+        "plan",
+        "--model",
+        model.to_str().unwrap(),
+        "--map",
+        "0-119:0,*:1",
+        "--topology",
+        "package:2 numa:1(memory=1GB) core:2 pu:1",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("warning: node 0 is over-full: the plan places"), "{out}");

@@ -43,9 +43,16 @@ fn machine() -> impl Strategy<Value = Topology> {
 }
 
 fn tensor() -> impl Strategy<Value = ExpertTensor> {
-    (2u32..=64, 1u64..=700, prop::sample::select(vec![4u64, 64, 144, 210, 1152, 4032, 4096, 8192, 1000])).prop_map(|(n_expert, rows, row_bytes)| {
-        ExpertTensor { name: "blk.1.ffn_down_exps.weight".into(), layer: Some(1), type_name: "q4_K".into(), n_expert, rows, row_bytes }
-    })
+    (2u32..=64, 1u64..=700, prop::sample::select(vec![4u64, 64, 144, 210, 1152, 4032, 4096, 8192, 1000])).prop_map(
+        |(n_expert, rows, row_bytes)| ExpertTensor {
+            name: "blk.1.ffn_down_exps.weight".into(),
+            layer: Some(1),
+            type_name: "q4_K".into(),
+            n_expert,
+            rows,
+            row_bytes,
+        },
+    )
 }
 
 /// An explicit map over the machine's memory nodes: random ranges, some with copies, a rest.
@@ -95,10 +102,14 @@ fn check_plan(topo: &Topology, t: &ExpertTensor, p: &TensorPlan, mirror: bool) -
         let copies: u64 = p.copies.iter().map(|c| c.extents.iter().map(|e| e.len).sum::<u64>()).sum();
         let n = p.copies.len() as u64;
         prop_assert_eq!(copies, n * bytes, "mirror: one full copy per node");
-        let mut nodes: Vec<u32> = p.copies.iter().map(|c| match &c.extents[0].binding {
-            Binding::Node(n) => *n,
-            Binding::Interleave(_) => u32::MAX,
-        }).collect();
+        let mut nodes: Vec<u32> = p
+            .copies
+            .iter()
+            .map(|c| match &c.extents[0].binding {
+                Binding::Node(n) => *n,
+                Binding::Interleave(_) => u32::MAX,
+            })
+            .collect();
         nodes.sort_unstable();
         nodes.dedup();
         prop_assert_eq!(nodes.len() as u64, n, "mirror copies live on distinct nodes");
@@ -209,14 +220,25 @@ proptest! {
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 { a } else { gcd(b, a % b) }
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 #[test]
 fn eight_node_epyc_plan_is_balanced() {
     let topo = Topology::from_synthetic("package:2 numa:4 core:12 pu:2").unwrap();
     // DeepSeek-V3 down projection: 256 experts of 7168 rows x 2048 columns, q4_K
-    let t = ExpertTensor { name: "blk.3.ffn_down_exps.weight".into(), layer: Some(3), type_name: "q4_K".into(), n_expert: 256, rows: 7168, row_bytes: 2048 / 256 * 144 };
+    let t = ExpertTensor {
+        name: "blk.3.ffn_down_exps.weight".into(),
+        layer: Some(3),
+        type_name: "q4_K".into(),
+        n_expert: 256,
+        rows: 7168,
+        row_bytes: 2048 / 256 * 144,
+    };
     let p = plan_tensor(&topo, &ExpertMap::policy(Policy::Rows), &t, &PlanOptions::default()).unwrap().unwrap();
     let loads = p.bytes_per_node();
     assert_eq!(loads.len(), 8);
@@ -229,7 +251,14 @@ fn eight_node_epyc_plan_is_balanced() {
 fn shipped_topologies_load_and_plan() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/topologies");
     let cases = [("xeon-2s.xml", 2, 2), ("epyc-2s-nps4.xml", 8, 8), ("xeon-6980p-snc3.xml", 6, 6), ("memoryless-node.xml", 3, 2)];
-    let t = ExpertTensor { name: "blk.0.ffn_up_exps.weight".into(), layer: Some(0), type_name: "q4_K".into(), n_expert: 128, rows: 768, row_bytes: 1152 };
+    let t = ExpertTensor {
+        name: "blk.0.ffn_up_exps.weight".into(),
+        layer: Some(0),
+        type_name: "q4_K".into(),
+        n_expert: 128,
+        rows: 768,
+        row_bytes: 1152,
+    };
     for (file, nodes, compute) in cases {
         let topo = Topology::from_xml(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(topo.nodes().len(), nodes, "{file}");

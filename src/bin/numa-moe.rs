@@ -162,7 +162,9 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
                 bytes: l.bytes,
                 tensors: l.tensors,
                 budget: l.budget,
-                share: example.map(|p| format!("{}: {}", p.tensor.name.trim_end_matches(".weight"), p.describe_share(l.node))).unwrap_or_default(),
+                share: example
+                    .map(|p| format!("{}: {}", p.tensor.name.trim_end_matches(".weight"), p.describe_share(l.node)))
+                    .unwrap_or_default(),
                 threads,
                 cpus,
             }
@@ -235,7 +237,15 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
         } else {
             format!("{} (cpus {})", render_cpu_list(&r.threads.iter().map(|&t| t as u32).collect::<Vec<_>>()), render_cpu_list(&r.cpus))
         };
-        println!("{:>5}  {:>10}  {:>7}  {:>10}  {:<16}  {}", r.node, format_gib(r.bytes), r.tensors, format_gib(r.budget), threads, r.share);
+        println!(
+            "{:>5}  {:>10}  {:>7}  {:>10}  {:<16}  {}",
+            r.node,
+            format_gib(r.bytes),
+            r.tensors,
+            format_gib(r.budget),
+            threads,
+            r.share
+        );
     }
     for w in &warnings {
         println!("warning: {w}");
@@ -281,7 +291,12 @@ fn cmd_verify(a: &Args) -> Result<(), String> {
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        println!("{{\"pid\":{},\"placed\":{{{}}},\"bytes_off_policy\":{off_policy},\"model_files\":{{{}}}}}", json::string(pid), obj(&placed), obj(&files));
+        println!(
+            "{{\"pid\":{},\"placed\":{{{}}},\"bytes_off_policy\":{off_policy},\"model_files\":{{{}}}}}",
+            json::string(pid),
+            obj(&placed),
+            obj(&files)
+        );
         return Ok(());
     }
     println!("process {pid}:");

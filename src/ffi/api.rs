@@ -220,7 +220,10 @@ pub unsafe extern "C" fn numa_moe_topology_node_info(index: usize, out: *mut Num
         let out = unsafe { arg_out(out, "out") }?;
         let topo = &rt()?.topology;
         let n = topo.nodes().get(index).ok_or_else(|| {
-            Fail::new(NumaMoeResult::InvalidArgument, format!("node index {index} is out of range (the machine has {} nodes)", topo.nodes().len()))
+            Fail::new(
+                NumaMoeResult::InvalidArgument,
+                format!("node index {index} is out of range (the machine has {} nodes)", topo.nodes().len()),
+            )
         })?;
         *out = NumaMoeNodeInfo {
             id: n.id,
@@ -247,7 +250,10 @@ pub unsafe extern "C" fn numa_moe_topology_distance(from: usize, to: usize, out:
         let topo = &rt()?.topology;
         let ids = topo.node_ids();
         let (Some(&a), Some(&b)) = (ids.get(from), ids.get(to)) else {
-            return Err(Fail::new(NumaMoeResult::InvalidArgument, format!("node index out of range (the machine has {} nodes)", ids.len())));
+            return Err(Fail::new(
+                NumaMoeResult::InvalidArgument,
+                format!("node index out of range (the machine has {} nodes)", ids.len()),
+            ));
         };
         *out = topo.distance(a, b);
         Ok(())

@@ -217,7 +217,13 @@ unsafe extern "C" fn buf_init_tensor(b: *mut raw::ggml_backend_buffer, tensor: *
     })
 }
 
-unsafe extern "C" fn buf_memset_tensor(b: *mut raw::ggml_backend_buffer, tensor: *mut raw::ggml_tensor, value: u8, offset: usize, size: usize) {
+unsafe extern "C" fn buf_memset_tensor(
+    b: *mut raw::ggml_backend_buffer,
+    tensor: *mut raw::ggml_tensor,
+    value: u8,
+    offset: usize,
+    size: usize,
+) {
     boundary_value("memset_tensor", (), || {
         // SAFETY: ggml passes a live tensor in our live buffer.
         let (buf, t) = unsafe { (numa_buffer(b), TensorRef::new(tensor).expect("tensor")) };
@@ -225,7 +231,13 @@ unsafe extern "C" fn buf_memset_tensor(b: *mut raw::ggml_backend_buffer, tensor:
     })
 }
 
-unsafe extern "C" fn buf_set_tensor(b: *mut raw::ggml_backend_buffer, tensor: *mut raw::ggml_tensor, data: *const c_void, offset: usize, size: usize) {
+unsafe extern "C" fn buf_set_tensor(
+    b: *mut raw::ggml_backend_buffer,
+    tensor: *mut raw::ggml_tensor,
+    data: *const c_void,
+    offset: usize,
+    size: usize,
+) {
     boundary_value("set_tensor", (), || {
         // SAFETY: ggml passes a live tensor in our live buffer and `size` readable bytes.
         unsafe {
@@ -236,7 +248,13 @@ unsafe extern "C" fn buf_set_tensor(b: *mut raw::ggml_backend_buffer, tensor: *m
     })
 }
 
-unsafe extern "C" fn buf_get_tensor(b: *mut raw::ggml_backend_buffer, tensor: *const raw::ggml_tensor, data: *mut c_void, offset: usize, size: usize) {
+unsafe extern "C" fn buf_get_tensor(
+    b: *mut raw::ggml_backend_buffer,
+    tensor: *const raw::ggml_tensor,
+    data: *mut c_void,
+    offset: usize,
+    size: usize,
+) {
     boundary_value("get_tensor", (), || {
         // SAFETY: ggml passes a live tensor in our live buffer and `size` writable bytes.
         unsafe {

@@ -105,9 +105,7 @@ pub unsafe fn arg_str<'a>(p: *const c_char, what: &str) -> Result<&'a str, Fail>
         return Err(Fail::new(NumaMoeResult::NullArgument, format!("{what} is NULL")));
     }
     // SAFETY: per the contract above.
-    unsafe { CStr::from_ptr(p) }
-        .to_str()
-        .map_err(|_| Fail::new(NumaMoeResult::InvalidArgument, format!("{what} is not valid UTF-8")))
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|_| Fail::new(NumaMoeResult::InvalidArgument, format!("{what} is not valid UTF-8")))
 }
 
 /// A required output pointer.
