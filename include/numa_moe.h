@@ -155,6 +155,12 @@ typedef struct NumaMoePageReport {
    * Resident pages on another node than the plan says.
    */
   uint64_t misplaced;
+  /**
+   * Bytes in which a copy of the tensor (mirror, `a+b`) differs from the primary: bytes
+   * written straight into tensor data after the first compute. numa_moe_tensor_refresh
+   * copies the primary over them. Always 0 for numa_moe_memory_pages_per_node.
+   */
+  uint64_t stale_replica_bytes;
 } NumaMoePageReport;
 
 /**
@@ -367,7 +373,9 @@ bool numa_moe_ggml_work_size(int32_t n_threads, const void *op, size_t *size);
 
 /**
  * Computes a MUL_MAT_ID whose weights numa-moe placed, on this ggml worker thread. Returns
- * false on every thread alike when it declines; ggml-cpu then runs its stock kernel.
+ * false on every thread alike when it declines (decided before any thread touches shared
+ * state); ggml-cpu then runs its stock kernel. Once it has decided to compute, it returns
+ * true or aborts the process with the reason (see the compute module).
  *
  * # Safety
  * `params` and `op` must be what ggml-cpu passes to an extra buffer type's compute_forward.
@@ -375,12 +383,23 @@ bool numa_moe_ggml_work_size(int32_t n_threads, const void *op, size_t *size);
 bool numa_moe_ggml_compute_forward(const struct NumaMoeComputeParams *params, void *op);
 
 /**
- * Where the pages of a placed expert tensor are, against its plan (all copies).
+ * Where the pages of a placed expert tensor are, against its plan (all copies), and how
+ * many bytes of its copies differ from the primary.
  *
  * # Safety
  * `tensor` must be a live ggml tensor; `out` valid for writes.
  */
 NumaMoeResult numa_moe_tensor_verify(const void *tensor, struct NumaMoePageReport *out);
+
+/**
+ * Copies a placed tensor's primary bytes into its other copies (mirror, `a+b`) again: for
+ * callers that wrote straight into the tensor's data after its first compute. Must not
+ * run while a graph reads the tensor.
+ *
+ * # Safety
+ * `tensor` must be a live ggml tensor.
+ */
+NumaMoeResult numa_moe_tensor_refresh(const void *tensor);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -8,7 +8,9 @@
 //! - [`memory`]: NUMA-placed allocations and verification of where pages are
 //! - [`config`]: what the user asked for, process-wide
 //! - [`ggml`]: bindgen views of the pinned ggml structs; the only file that dereferences them
-//! - [`buffer`], [`compute`]: the ggml buffer type's memory and the routed mul_mat_id
+//! - [`buffer`]: the ggml buffer type's memory: budget, binding, replicas
+//! - [`compute`]: node-bound kernels on ggml-cpu's threads (the routed mul_mat_id), the
+//!   work-buffer protocol and the worker layout
 //! - [`gguf`]: the tensor table of a model file, for `numa-moe plan`
 //! - [`ffi`]: the C ABI
 
@@ -23,6 +25,7 @@ pub mod json;
 pub mod log;
 pub mod memory;
 pub mod placement;
+pub mod report;
 pub mod sys;
 pub mod topology;
 

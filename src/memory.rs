@@ -164,6 +164,36 @@ impl Drop for Region {
     }
 }
 
+/// Copies between two regions (the primary and a replica of a buffer).
+impl Region {
+    /// Copies `len` bytes at `from` of `src` to `at` of this region.
+    pub fn copy_from(&self, at: usize, src: &Region, from: usize, len: usize) {
+        assert!(!std::ptr::eq(self, src), "copy within one region");
+        src.check(from, len);
+        self.check(at, len);
+        // SAFETY: both ranges were checked against their own mappings, which are distinct
+        // anonymous mappings and so cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr.add(from), self.ptr.add(at), len) }
+    }
+
+    /// How many of the `len` bytes at `at` differ from those at `from` of `other`.
+    pub fn count_differences(&self, at: usize, other: &Region, from: usize, len: usize) -> u64 {
+        self.check(at, len);
+        other.check(from, len);
+        let (mut a, mut b) = (vec![0u8; len.min(1 << 20)], vec![0u8; len.min(1 << 20)]);
+        let mut diff = 0u64;
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(a.len());
+            self.read(at + done, &mut a[..n]);
+            other.read(from + done, &mut b[..n]);
+            diff += a[..n].iter().zip(&b[..n]).filter(|(x, y)| x != y).count() as u64;
+            done += n;
+        }
+        diff
+    }
+}
+
 /// Where the pages of some memory are.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PageReport {

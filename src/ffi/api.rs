@@ -42,11 +42,15 @@ pub struct NumaMoePageReport {
     pub absent: u64,
     /// Resident pages on another node than the plan says.
     pub misplaced: u64,
+    /// Bytes in which a copy of the tensor (mirror, `a+b`) differs from the primary: bytes
+    /// written straight into tensor data after the first compute. numa_moe_tensor_refresh
+    /// copies the primary over them. Always 0 for numa_moe_memory_pages_per_node.
+    pub stale_replica_bytes: u64,
 }
 
 impl Default for NumaMoePageReport {
     fn default() -> Self {
-        NumaMoePageReport { per_node: [0; NUMA_MOE_MAX_NODES], resident: 0, absent: 0, misplaced: 0 }
+        NumaMoePageReport { per_node: [0; NUMA_MOE_MAX_NODES], resident: 0, absent: 0, misplaced: 0, stale_replica_bytes: 0 }
     }
 }
 

@@ -11,8 +11,9 @@ use std::sync::OnceLock;
 use super::api::{rt, NumaMoePageReport};
 use super::{arg_out, boundary, boundary_value, Fail, NumaMoeResult};
 use crate::buffer::{plan_for, NumaBuffer, PlacedTensor, TensorInfo};
+use crate::compute::mmid::MmidOp;
 use crate::config::Runtime;
-use crate::ggml::{self, raw, Api, MmidOp, NumaMoeComputeParams, NumaMoeGgmlApi, TensorRef};
+use crate::ggml::{self, raw, Api, NumaMoeComputeParams, NumaMoeGgmlApi, TensorRef};
 use crate::placement::Compute;
 
 const BUFT_NAME: &[u8] = b"NUMA_MOE\0";
@@ -226,7 +227,7 @@ unsafe extern "C" fn buf_memset_tensor(
 ) {
     boundary_value("memset_tensor", (), || {
         // SAFETY: ggml passes a live tensor in our live buffer.
-        let (buf, t) = unsafe { (numa_buffer(b), TensorRef::new(tensor).expect("tensor")) };
+        let (buf, Some(t)) = (unsafe { numa_buffer(b) }, unsafe { TensorRef::new(tensor) }) else { return };
         buf.fill(offset_in(buf, t) + offset, size, value);
     })
 }
@@ -239,12 +240,13 @@ unsafe extern "C" fn buf_set_tensor(
     size: usize,
 ) {
     boundary_value("set_tensor", (), || {
-        // SAFETY: ggml passes a live tensor in our live buffer and `size` readable bytes.
-        unsafe {
-            let (buf, t) = (numa_buffer(b), TensorRef::new(tensor).expect("tensor"));
-            let rt = crate::config::runtime().expect("attached buffers have a runtime");
-            buf.write(rt, offset_in(buf, t) + offset, data.cast(), size);
-        }
+        // SAFETY: ggml passes a live tensor in our live buffer.
+        let (buf, Some(t)) = (unsafe { numa_buffer(b) }, unsafe { TensorRef::new(tensor) }) else { return };
+        let (Ok(rt), false) = (crate::config::runtime(), data.is_null() && size > 0) else { return };
+        // SAFETY: ggml passes `size` readable bytes at `data`, outside our buffer (its source
+        // is host memory of another tensor, the model file or the loader's staging buffer).
+        let src = unsafe { bytes(data.cast(), size) };
+        buf.write(rt, offset_in(buf, t) + offset, src);
     })
 }
 
@@ -256,25 +258,44 @@ unsafe extern "C" fn buf_get_tensor(
     size: usize,
 ) {
     boundary_value("get_tensor", (), || {
-        // SAFETY: ggml passes a live tensor in our live buffer and `size` writable bytes.
-        unsafe {
-            let (buf, t) = (numa_buffer(b), TensorRef::new(tensor).expect("tensor"));
-            buf.read(offset_in(buf, t) + offset, data.cast(), size);
+        // SAFETY: ggml passes a live tensor in our live buffer.
+        let (buf, Some(t)) = (unsafe { numa_buffer(b) }, unsafe { TensorRef::new(tensor) }) else { return };
+        if data.is_null() || size == 0 {
+            return;
         }
+        // SAFETY: ggml passes `size` writable bytes at `data`, outside our buffer.
+        let out = unsafe { std::slice::from_raw_parts_mut(data.cast::<u8>(), size) };
+        buf.read(offset_in(buf, t) + offset, out);
     })
+}
+
+/// `len` bytes at `p` as a slice (empty for a NULL or empty source).
+///
+/// # Safety
+/// `p` must be readable for `len` bytes while the slice is used.
+unsafe fn bytes<'a>(p: *const u8, len: usize) -> &'a [u8] {
+    if p.is_null() || len == 0 {
+        &[]
+    } else {
+        // SAFETY: per this function's contract.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
 }
 
 unsafe extern "C" fn buf_cpy_tensor(b: *mut raw::ggml_backend_buffer, src: *const raw::ggml_tensor, dst: *mut raw::ggml_tensor) -> bool {
     boundary_value("cpy_tensor", false, || {
         let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return false };
         // SAFETY: ggml passes live tensors; dst is in our live buffer.
-        let (buf, s, d) = unsafe { (numa_buffer(b), TensorRef::new(src).expect("src"), TensorRef::new(dst).expect("dst")) };
+        let (buf, Some(s), Some(d)) = (unsafe { numa_buffer(b) }, unsafe { TensorRef::new(src) }, unsafe { TensorRef::new(dst) }) else {
+            return false;
+        };
         if !is_host_buffer(s) {
             return false;
         }
         // SAFETY: a host tensor's data is readable for its nbytes and is not in our region
         // (ggml copies between distinct tensors).
-        unsafe { buf.write(rt, offset_in(buf, d), s.data_ptr(), s.nbytes(api)) };
+        let data = unsafe { bytes(s.data_ptr(), s.nbytes(api)) };
+        buf.write(rt, offset_in(buf, d), data);
         true
     })
 }
@@ -394,22 +415,40 @@ pub unsafe extern "C" fn numa_moe_ggml_work_size(n_threads: i32, op: *const c_vo
 }
 
 /// Computes a MUL_MAT_ID whose weights numa-moe placed, on this ggml worker thread. Returns
-/// false on every thread alike when it declines; ggml-cpu then runs its stock kernel.
+/// false on every thread alike when it declines (decided before any thread touches shared
+/// state); ggml-cpu then runs its stock kernel. Once it has decided to compute, it returns
+/// true or aborts the process with the reason (see the compute module).
 ///
 /// # Safety
 /// `params` and `op` must be what ggml-cpu passes to an extra buffer type's compute_forward.
 #[no_mangle]
 pub unsafe extern "C" fn numa_moe_ggml_compute_forward(params: *const NumaMoeComputeParams, op: *mut c_void) -> bool {
-    boundary_value("numa_moe_ggml_compute_forward", false, || {
+    let decided = boundary_value("numa_moe_ggml_compute_forward", None, || {
         // SAFETY: forwarded from this function's contract.
-        let (Some(params), Some(op)) = (unsafe { params.as_ref() }, unsafe { TensorRef::new(op.cast()) }) else { return false };
-        let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return false };
-        let Some((buf, placed, mm)) = hooked_op(api, op) else { return false };
-        crate::compute::compute(rt, api, &mm, buf, &placed, params)
-    })
+        let (Some(params), Some(op)) = (unsafe { params.as_ref() }, unsafe { TensorRef::new(op.cast()) }) else { return None };
+        let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return None };
+        let (buf, placed, mm) = hooked_op(api, op)?;
+        let work = crate::compute::decide(&mm, &placed, params)?;
+        Some((api, rt, buf, placed, mm, work))
+    });
+    let Some((api, rt, buf, placed, mm, work)) = decided else { return false };
+    // Past the decision point: compute::run finishes the op or aborts, it never unwinds.
+    crate::compute::run(rt, api, &mm, buf, &placed, &work);
+    true
 }
 
-/// Where the pages of a placed expert tensor are, against its plan (all copies).
+/// The numa-moe buffer and plan of a placed expert tensor.
+fn placed_tensor(t: TensorRef) -> Result<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>), Fail> {
+    let buf: &'static NumaBuffer =
+        buffer_of(t).ok_or_else(|| Fail::new(NumaMoeResult::NotPlaced, format!("{} is not in a numa-moe buffer", t.name())))?;
+    let p = buf
+        .placed_at(offset_in(buf, t))
+        .ok_or_else(|| Fail::new(NumaMoeResult::NotPlaced, format!("{} is not a placed expert tensor", t.name())))?;
+    Ok((buf, p))
+}
+
+/// Where the pages of a placed expert tensor are, against its plan (all copies), and how
+/// many bytes of its copies differ from the primary.
 ///
 /// # Safety
 /// `tensor` must be a live ggml tensor; `out` valid for writes.
@@ -421,12 +460,28 @@ pub unsafe extern "C" fn numa_moe_tensor_verify(tensor: *const c_void, out: *mut
         // SAFETY: forwarded from this function's contract.
         let t = unsafe { TensorRef::new(tensor.cast()) }.ok_or_else(|| Fail::new(NumaMoeResult::NullArgument, "tensor is NULL"))?;
         let _ = rt()?;
-        let buf = buffer_of(t).ok_or_else(|| Fail::new(NumaMoeResult::NotPlaced, format!("{} is not in a numa-moe buffer", t.name())))?;
-        let p = buf
-            .placed_at(offset_in(buf, t))
-            .ok_or_else(|| Fail::new(NumaMoeResult::NotPlaced, format!("{} is not a placed expert tensor", t.name())))?;
+        let (buf, p) = placed_tensor(t)?;
         let r = buf.verify_tensor(&p).map_err(|e| Fail::new(NumaMoeResult::SystemError, format!("cannot read page locations: {e}")))?;
         *out = (&r).into();
+        out.stale_replica_bytes = buf.stale_replica_bytes(&p);
+        Ok(())
+    })
+}
+
+/// Copies a placed tensor's primary bytes into its other copies (mirror, `a+b`) again: for
+/// callers that wrote straight into the tensor's data after its first compute. Must not
+/// run while a graph reads the tensor.
+///
+/// # Safety
+/// `tensor` must be a live ggml tensor.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_tensor_refresh(tensor: *const c_void) -> NumaMoeResult {
+    boundary("numa_moe_tensor_refresh", || {
+        // SAFETY: forwarded from this function's contract.
+        let t = unsafe { TensorRef::new(tensor.cast()) }.ok_or_else(|| Fail::new(NumaMoeResult::NullArgument, "tensor is NULL"))?;
+        let _ = rt()?;
+        let (buf, p) = placed_tensor(t)?;
+        buf.refresh_replicas(&p);
         Ok(())
     })
 }

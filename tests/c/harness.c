@@ -753,6 +753,111 @@ static void test_numa_workers_run_on_their_node(void) {
 }
 
 // ---------------------------------------------------------------------------------------
+// replicas (mirror, a+b copies): every byte reaches every copy, whichever way it was written
+
+// Computes mul_mat_id over the weights already in `e` (caller frees the result).
+static float * mmid_over(struct experts * e, const struct mmid_case * c, const float * act, const int32_t * ids, int n_threads) {
+    const int64_t ne11 = c->broadcast ? 1 : c->n_used;
+    struct ggml_init_params ip = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
+    struct ggml_context * ctx  = ggml_init(ip);
+    struct ggml_tensor *  b    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, ne11, c->n_tokens);
+    struct ggml_tensor *  id   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, c->n_used, c->n_tokens);
+    memcpy(b->data, act, ggml_nbytes(b));
+    memcpy(id->data, ids, ggml_nbytes(id));
+    struct ggml_tensor * out = ggml_mul_mat_id(ctx, e->w, b, id);
+    struct ggml_cgraph * gf  = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_backend_t be = ggml_backend_cpu_init();
+    ggml_backend_cpu_set_n_threads(be, n_threads);
+    float * res = NULL;
+    if (ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS) {
+        res = malloc(ggml_nbytes(out));
+        memcpy(res, out->data, ggml_nbytes(out));
+    }
+    ggml_backend_free(be);
+    ggml_free(ctx);
+    return res;
+}
+
+static void test_replicas_cover_every_write(void) {
+    if (node_count() < 2) {
+        printf("  one node: no replicas to test\n");
+        return;
+    }
+    // every token routed to every expert, so every copy's rows are read
+    const struct mmid_case c = { GGML_TYPE_F32, 64, 96, 8, 8, 4, 1 };
+    struct experts e;
+    static const char * maps[] = { "mirror", "0-3:0+1,*:1", NULL };
+    const int64_t ne11 = 1;
+    float *   act = malloc(sizeof(float) * c.n_embd * ne11 * c.n_tokens);
+    int32_t * ids = malloc(sizeof(int32_t) * c.n_used * c.n_tokens);
+    for (int64_t i = 0; i < c.n_embd * ne11 * c.n_tokens; i++) {
+        act[i] = rnd_normal();
+    }
+    for (int64_t t = 0; t < c.n_tokens; t++) {
+        for (int64_t s = 0; s < c.n_used; s++) {
+            ids[t * c.n_used + s] = (int32_t) ((s + t) % c.n_expert);
+        }
+    }
+    for (int mi = 0; maps[mi]; mi++) {
+        if (!experts_alloc(&e, numa_moe_buft(), maps[mi], c.type, c.n_embd, c.n_ff, c.n_expert)) {
+            CHECK(0, "map %s: %s", maps[mi], last_error());
+            continue;
+        }
+        const size_t n = ggml_nbytes(e.w);
+        uint8_t *    w1 = malloc(n);
+        uint8_t *    w2 = malloc(n);
+        fill_weights(e.w, w1);
+        fill_weights(e.w, w2);
+        // The first half through set_tensor, twice (a byte count would call the tensor
+        // written), the second half straight into tensor data, as llama.cpp's loader does
+        // without mmap. The first compute must bring every copy up to date.
+        ggml_backend_tensor_set(e.w, w1, 0, n / 2);
+        ggml_backend_tensor_set(e.w, w1, 0, n / 2);
+        memcpy((uint8_t *) e.w->data + n / 2, w1 + n / 2, n - n / 2);
+        struct experts ref;
+        CHECK(experts_alloc(&ref, ggml_backend_cpu_buffer_type(), NULL, c.type, c.n_embd, c.n_ff, c.n_expert));
+        ggml_backend_tensor_set(ref.w, w1, 0, n);
+        float *      want = mmid_over(&ref, &c, act, ids, 2);
+        float *      got  = mmid_over(&e, &c, act, ids, 2);
+        const size_t ob   = sizeof(float) * c.n_ff * c.n_used * c.n_tokens;
+        CHECK(want && got && memcmp(want, got, ob) == 0, "map %s: a copy missed bytes written straight into tensor data", maps[mi]);
+        NumaMoePageReport r;
+        CHECK(numa_moe_tensor_verify(e.w, &r) == NUMA_MOE_RESULT_OK, "%s", last_error());
+        CHECK(r.stale_replica_bytes == 0, "map %s: %" PRIu64 " stale bytes after the first compute", maps[mi], r.stale_replica_bytes);
+        free(got);
+        free(want);
+
+        // A direct write after the first compute is detected, and refresh repairs it.
+        memcpy(e.w->data, w2, n);
+        CHECK(numa_moe_tensor_verify(e.w, &r) == NUMA_MOE_RESULT_OK, "%s", last_error());
+        CHECK(r.stale_replica_bytes > 0, "map %s: a direct write after the first compute went undetected", maps[mi]);
+        CHECK(numa_moe_tensor_refresh(e.w) == NUMA_MOE_RESULT_OK, "%s", last_error());
+        CHECK(numa_moe_tensor_verify(e.w, &r) == NUMA_MOE_RESULT_OK && r.stale_replica_bytes == 0, "map %s: refresh left %" PRIu64
+              " stale bytes", maps[mi], r.stale_replica_bytes);
+        ggml_backend_tensor_set(ref.w, w2, 0, n);
+        want = mmid_over(&ref, &c, act, ids, 2);
+        got  = mmid_over(&e, &c, act, ids, 2);
+        CHECK(want && got && memcmp(want, got, ob) == 0, "map %s: outputs after refresh differ from the new weights'", maps[mi]);
+        free(got);
+        free(want);
+        // a set_tensor after the first compute reaches every copy by itself
+        ggml_backend_tensor_set(e.w, w1, 0, n);
+        CHECK(numa_moe_tensor_verify(e.w, &r) == NUMA_MOE_RESULT_OK && r.stale_replica_bytes == 0, "map %s: set_tensor left %" PRIu64
+              " stale bytes", maps[mi], r.stale_replica_bytes);
+        CHECK(numa_moe_tensor_refresh(NULL) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+        CHECK(numa_moe_tensor_refresh(e.plain) == NUMA_MOE_RESULT_NOT_PLACED);
+        experts_free(&ref);
+        experts_free(&e);
+        free(w1);
+        free(w2);
+    }
+    numa_moe_config_set_map("off");
+    free(ids);
+    free(act);
+}
+
+// ---------------------------------------------------------------------------------------
 
 struct test {
     const char * name;
@@ -772,6 +877,7 @@ static const struct test k_tests[] = {
     { "buffer_round_trip", test_round_trip_every_layout },
     { "buffer_cycles", test_alloc_free_cycles },
     { "buffer_bind_failure", test_bind_failure_strict_and_fallback },
+    { "buffer_replicas", test_replicas_cover_every_write },
     { "mmid_decode", test_mmid_decode_every_type },
     { "mmid_batches", test_mmid_small_batches },
     { "mmid_prefill", test_mmid_prefill },

@@ -1,0 +1,371 @@
+//! The memory behind one ggml buffer of numa-moe's type: a [`Region`] in ggml's standard
+//! layout whose expert tensors are bound to nodes by their plan when ggml initialises them,
+//! before any byte is written, plus the replica copies that mirror and multi-node maps need.
+//!
+//! Placing a tensor is three steps, each in its own module: [`budget`] (reserve its bytes
+//! per node), [`binding`] (mbind the primary's extents), [`replicas`] (make and bind the
+//! extra copies and keep them current). What the user is told lives in [`crate::report`].
+//!
+//! Tensors that are not planned (anything but a stacked expert tensor the map places) are
+//! plain host memory and pass through unchanged. Reads return exactly what was written, for
+//! any offset and size; writes reach every copy of the bytes they cover. No unsafe code:
+//! ggml's raw pointers become slices in the ffi layer.
+
+pub mod binding;
+pub mod budget;
+pub mod coverage;
+pub mod replicas;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::{OnError, Runtime};
+use crate::expert_map::layer_of;
+use crate::memory::{self, PageReport, Region};
+use crate::placement::{self, Binding, ExpertTensor, Piece, PlanOptions, TensorPlan};
+use crate::topology::format_gib;
+use replicas::Replicas;
+
+/// How many pages of expert memory the load-time check asks the kernel about at most.
+pub(crate) const VERIFY_PAGES: u64 = 1 << 20;
+
+/// Expert tensors placed by live buffers, and their bytes (all copies).
+pub static PLACED_TENSORS: AtomicU64 = AtomicU64::new(0);
+pub static PLACED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// ggml's view of a tensor being placed, taken by the ffi layer.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub type_name: String,
+    pub ne: [i64; 4],
+    pub nb: [usize; 4],
+    /// Whether rows and experts are packed back to back (ggml's standard layout).
+    pub packed: bool,
+}
+
+impl TensorInfo {
+    /// The planner's description, if this is a stacked expert tensor numa-moe can place.
+    pub fn expert_tensor(&self) -> Option<ExpertTensor> {
+        if self.ne[3] != 1 || self.ne[2] < 2 || self.ne[1] < 1 || !self.packed {
+            return None;
+        }
+        Some(ExpertTensor {
+            name: self.name.clone(),
+            layer: layer_of(&self.name),
+            type_name: self.type_name.clone(),
+            n_expert: self.ne[2] as u32,
+            rows: self.ne[1] as u64,
+            row_bytes: self.nb[1] as u64,
+        })
+    }
+}
+
+/// The plan for one tensor under the current settings (`Ok(None)`: not ours to place).
+pub fn plan_for(rt: &Runtime, info: &TensorInfo) -> Result<Option<TensorPlan>, String> {
+    let Some(t) = info.expert_tensor() else { return Ok(None) };
+    let s = rt.settings();
+    let opts = PlanOptions { page_size: crate::sys::page_size() as u64, by_cores: true };
+    placement::plan_tensor(&rt.topology, &s.map, &t, &opts).map_err(|e| e.to_string())
+}
+
+/// A planned tensor living in a buffer.
+pub struct PlacedTensor {
+    pub plan: TensorPlan,
+    /// Offset of the tensor's first byte in the buffer's region.
+    pub offset: usize,
+    /// The extra copies (mirror, `a+b`).
+    replicas: Replicas,
+    /// Pieces indexed by expert.
+    pub by_expert: Vec<Vec<Piece>>,
+    /// Nodes that hold pieces.
+    pub piece_nodes: Vec<u32>,
+    /// Set when binding failed and the fallback policy kept the tensor with default placement.
+    pub degraded: Mutex<Option<String>>,
+}
+
+impl PlacedTensor {
+    pub fn bytes(&self) -> usize {
+        self.plan.tensor.bytes() as usize
+    }
+
+    /// Bytes over all copies that exist.
+    fn all_bytes(&self) -> u64 {
+        self.plan.tensor.bytes() + self.replicas.bytes(&self.plan)
+    }
+
+    /// Base address of copy `copy` (the primary is `primary_base`).
+    pub fn copy_base(&self, primary_base: *const u8, copy: usize) -> *const u8 {
+        match self.replicas.region(copy) {
+            Some(r) => r.as_ptr(),
+            None => primary_base,
+        }
+    }
+}
+
+/// One ggml buffer of numa-moe's type.
+pub struct NumaBuffer {
+    region: Region,
+    placed: RwLock<Vec<Arc<PlacedTensor>>>,
+    reserved: Mutex<Vec<(u32, u64)>>,
+    reported: AtomicBool,
+    verified: AtomicBool,
+}
+
+impl NumaBuffer {
+    pub fn new(rt: &Runtime, size: usize) -> Result<Self, String> {
+        let s = rt.settings();
+        let align = if s.huge_pages { 2 << 20 } else { crate::sys::page_size() };
+        let region = Region::new(size, align).map_err(|e| format!("cannot reserve {} for expert weights: {e}", format_gib(size as u64)))?;
+        if s.huge_pages {
+            if let Err(e) = region.advise_huge_pages() {
+                crate::log::warn_once(rt, "thp", &format!("numa-moe: transparent huge pages not available ({e}); using 4 KiB pages"));
+            }
+        }
+        Ok(NumaBuffer {
+            region,
+            placed: RwLock::new(Vec::new()),
+            reserved: Mutex::new(Vec::new()),
+            reported: AtomicBool::new(false),
+            verified: AtomicBool::new(false),
+        })
+    }
+
+    pub fn base(&self) -> *mut u8 {
+        self.region.as_ptr()
+    }
+
+    pub fn size(&self) -> usize {
+        self.region.len()
+    }
+
+    /// Plans and binds a tensor at `offset` before any of its bytes is written: budget,
+    /// binding of the primary, then the replicas.
+    pub fn init_tensor(&self, rt: &Runtime, info: &TensorInfo, offset: usize) -> Result<(), String> {
+        let Some(plan) = plan_for(rt, info)? else {
+            crate::log::debug(&format!("numa-moe: {} stays plain host memory (not an expert tensor the map places)", info.name));
+            return Ok(());
+        };
+        let bytes = plan.tensor.bytes() as usize;
+        if offset.checked_add(bytes).is_none_or(|end| end > self.region.len()) {
+            return Err(format!("{} ({} bytes at offset {offset}) does not fit its buffer", info.name, bytes));
+        }
+        let strict = rt.settings().on_error == OnError::Strict;
+
+        let reservation = budget::reserve(rt, &plan, strict)?;
+        self.reserved.lock().extend(reservation.loads.iter().copied());
+        let mut degraded = reservation.shortfall;
+
+        let bind = rt.binds();
+        if bind {
+            if let Err(msg) = binding::bind_primary(&self.region, &plan, offset, reservation.strictness) {
+                if strict {
+                    return Err(msg);
+                }
+                crate::log::warn_once(rt, "bind", &format!("numa-moe: warning: {msg}; continuing with the kernel's default placement"));
+                degraded = Some(msg);
+            }
+        }
+        let (replicas, warnings) = Replicas::new(&plan, bind, reservation.strictness, strict)?;
+        for msg in warnings {
+            crate::log::warn_once(rt, "replica", &format!("numa-moe: warning: {msg}; that node reads the primary copy instead"));
+        }
+        let mut by_expert = vec![Vec::new(); plan.tensor.n_expert as usize];
+        let mut piece_nodes = Vec::new();
+        for p in plan.pieces() {
+            if let Some(v) = by_expert.get_mut(p.expert as usize) {
+                v.push(p.clone());
+            }
+            if !piece_nodes.contains(&p.node) {
+                piece_nodes.push(p.node);
+            }
+        }
+        piece_nodes.sort_unstable();
+        let placed = Arc::new(PlacedTensor { plan, offset, replicas, by_expert, piece_nodes, degraded: Mutex::new(degraded) });
+        PLACED_TENSORS.fetch_add(1, Ordering::Relaxed);
+        PLACED_BYTES.fetch_add(placed.all_bytes(), Ordering::Relaxed);
+        let mut v = self.placed.write();
+        let at = v.partition_point(|p| p.offset < offset);
+        v.insert(at, placed);
+        Ok(())
+    }
+
+    /// The planned tensor whose first byte is at `offset`, if any.
+    pub fn placed_at(&self, offset: usize) -> Option<Arc<PlacedTensor>> {
+        let v = self.placed.read();
+        let i = v.partition_point(|p| p.offset < offset);
+        v.get(i).filter(|p| p.offset == offset).cloned()
+    }
+
+    pub fn placed(&self) -> Vec<Arc<PlacedTensor>> {
+        self.placed.read().clone()
+    }
+
+    fn overlapping(&self, start: usize, end: usize) -> Vec<Arc<PlacedTensor>> {
+        self.placed.read().iter().filter(|p| p.offset < end && start < p.offset + p.bytes()).cloned().collect()
+    }
+
+    /// Writes `data` at `offset` of the buffer, into every copy.
+    ///
+    /// llama.cpp's loader copies expert bytes out of the mapped model file: when `data` is
+    /// such a mapping, the copy goes in chunks and each chunk's file pages are dropped from
+    /// this process right after, so expert bytes are not resident twice, not even while
+    /// loading (peak RSS stays within a chunk of stock's).
+    pub fn write(&self, rt: &Runtime, offset: usize, data: &[u8]) {
+        const CHUNK: usize = 16 << 20;
+        let (src, len) = (data.as_ptr() as usize, data.len());
+        let shared =
+            if len >= CHUNK && !self.overlapping(offset, offset + len).is_empty() { memory::SharedFileRange::find(src, len) } else { None };
+        let Some(shared) = shared else {
+            self.write_copies(rt, offset, data);
+            return;
+        };
+        let page = crate::sys::page_size();
+        let mut done = 0;
+        while done < len {
+            // chunk ends on a page boundary of the source, so each chunk's pages are complete
+            let end = ((src + done + CHUNK).div_ceil(page) * page - src).min(len);
+            self.write_copies(rt, offset + done, &data[done..end]);
+            shared.release(src + done, end - done);
+            done = end;
+        }
+    }
+
+    fn write_copies(&self, rt: &Runtime, offset: usize, data: &[u8]) {
+        self.region.write(offset, data);
+        let len = data.len();
+        for p in self.overlapping(offset, offset + len) {
+            let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
+            let range = (s - p.offset) as u64..(e - p.offset) as u64;
+            p.replicas.for_each_span(&p.plan, range.clone(), |r, at, n| {
+                let from = p.offset + at as usize - offset;
+                r.write(at as usize, &data[from..from + n as usize]);
+            });
+            p.replicas.record_write(range);
+            self.report_once(rt);
+        }
+    }
+
+    /// Reads `out.len()` bytes at `offset` into `out`.
+    pub fn read(&self, offset: usize, out: &mut [u8]) {
+        self.region.read(offset, out);
+    }
+
+    /// Sets `len` bytes at `offset` to `value`, in every copy.
+    pub fn fill(&self, offset: usize, len: usize, value: u8) {
+        self.region.fill(offset, len, value);
+        for p in self.overlapping(offset, offset + len) {
+            let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
+            let range = (s - p.offset) as u64..(e - p.offset) as u64;
+            p.replicas.for_each_span(&p.plan, range.clone(), |r, at, n| r.fill(at as usize, n as usize, value));
+            p.replicas.record_write(range);
+        }
+    }
+
+    /// Brings the replicas of `p` up to date before its first compute (see [`replicas`]).
+    pub fn sync_replicas(&self, p: &PlacedTensor) {
+        p.replicas.sync_once(&p.plan, &self.region, p.offset);
+    }
+
+    /// Bytes in which a replica of `p` differs from the primary.
+    pub fn stale_replica_bytes(&self, p: &PlacedTensor) -> u64 {
+        p.replicas.stale_bytes(&p.plan, &self.region, p.offset)
+    }
+
+    /// Copies the primary of `p` into its replicas again (after a direct write to its data).
+    pub fn refresh_replicas(&self, p: &PlacedTensor) {
+        p.replicas.refresh(&p.plan, &self.region, p.offset);
+    }
+
+    /// Logs what went where, once per buffer.
+    pub fn report_once(&self, rt: &Runtime) {
+        if self.reported.load(Ordering::Relaxed) || self.reported.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        for line in self.placement_report(rt) {
+            crate::log::info(&line);
+        }
+    }
+
+    pub fn placement_report(&self, rt: &Runtime) -> Vec<String> {
+        crate::report::placement(rt, &self.placed())
+    }
+
+    /// Where the pages of one planned tensor are (every copy), against its plan.
+    pub fn verify_tensor(&self, p: &PlacedTensor) -> Result<PageReport, crate::sys::SysError> {
+        self.verify_tensor_sampled(p, 1)
+    }
+
+    /// As [`NumaBuffer::verify_tensor`], looking at every `stride`-th page.
+    fn verify_tensor_sampled(&self, p: &PlacedTensor, stride: usize) -> Result<PageReport, crate::sys::SysError> {
+        let mut total = PageReport::default();
+        let primary = self.region.as_ptr().wrapping_add(p.offset);
+        let degraded = p.degraded.lock().is_some();
+        for (k, c) in p.plan.copies.iter().enumerate() {
+            let base = p.copy_base(primary, k);
+            if k > 0 && std::ptr::eq(base, primary) {
+                continue; // replica missing: nothing to check
+            }
+            for e in &c.extents {
+                let planned = |_: usize| match &e.binding {
+                    Binding::Node(n) if !degraded => Some(*n),
+                    _ => None,
+                };
+                let mut r = memory::page_report_sampled(base as usize + e.offset as usize, e.len as usize, stride, planned)?;
+                if let Some((off, want, got)) = r.first_misplaced.take() {
+                    let at = e.offset + off.parse::<u64>().unwrap_or(0);
+                    let copy = if k == 0 { String::new() } else { format!(" (copy for node {})", c.node.unwrap_or(0)) };
+                    r.first_misplaced = Some((
+                        format!("{}{copy} at byte {at} ({})", p.plan.tensor.name, crate::report::describe_extent(&p.plan, at)),
+                        want,
+                        got,
+                    ));
+                }
+                total.merge(&r);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Where the pages of every planned tensor are, against the plan: every page of up to
+    /// [`VERIFY_PAGES`] pages of expert memory, an even sample of larger models (a 300 GiB
+    /// model has 80 million pages; asking the kernel about all of them would stall the first
+    /// token for many seconds). Returns the report and the stride used.
+    pub fn verify(&self) -> Result<(PageReport, usize), crate::sys::SysError> {
+        let placed = self.placed();
+        let page = crate::sys::page_size() as u64;
+        let pages: u64 = placed.iter().map(|p| p.all_bytes() / page).sum();
+        let stride = pages.div_ceil(VERIFY_PAGES).max(1) as usize;
+        let mut total = PageReport::default();
+        for p in placed {
+            total.merge(&self.verify_tensor_sampled(&p, stride)?);
+        }
+        Ok((total, stride))
+    }
+
+    /// Verifies once (at first compute, when the weights are loaded) and logs the result.
+    pub fn verify_once(&self, rt: &Runtime) {
+        if self.verified.load(Ordering::Relaxed) || self.verified.swap(true, Ordering::Relaxed) || !rt.settings().verify || !rt.binds() {
+            return;
+        }
+        match self.verify() {
+            Ok((r, stride)) => match crate::report::page_check(&r, stride) {
+                (true, line) => crate::log::info(&line),
+                (false, line) => crate::log::warn(&line),
+            },
+            Err(e) => crate::log::warn(&format!("numa-moe: warning: cannot verify expert placement: {e}")),
+        }
+    }
+
+    pub fn release(&self, rt: &Runtime) {
+        for (n, b) in self.reserved.lock().drain(..) {
+            rt.release(n, b);
+        }
+        for p in self.placed.write().drain(..) {
+            PLACED_TENSORS.fetch_sub(1, Ordering::Relaxed);
+            PLACED_BYTES.fetch_sub(p.all_bytes(), Ordering::Relaxed);
+        }
+    }
+}

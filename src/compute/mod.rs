@@ -1,0 +1,344 @@
+//! Node-bound kernels on ggml-cpu's own worker threads (ith of nth): no second pool, no
+//! extra graph splits. One file per op ([`mmid`]), the work-buffer protocol ([`work`]) and
+//! the pure thread layout ([`workers`]).
+//!
+//! A hooked op runs in three steps:
+//!
+//! 0. **Decision** ([`decide`]), on every thread before any of them touches shared state:
+//!    everything that could make the hook unable to finish (shapes, plan lookups, the work
+//!    buffer's size, thread indices) is checked here, from data every thread sees alike, so
+//!    all threads decline together (ggml-cpu's stock kernel then runs) or compute together.
+//! 1. **Phase A**: every thread finds the node it works for (pinning itself first, inside
+//!    the CPU set ggml gave it), writes it to the roster and converts its share of the
+//!    activations; thread 0 groups routed rows by expert. Then ggml's barrier.
+//! 2. **Phase B**: threads are grouped by node; each group computes the (expert, row range)
+//!    pieces its node holds, reading that node's copy, in chunks claimed from the group's
+//!    counter.
+//!
+//! After the decision the op cannot be handed back to ggml: the other threads are already
+//! at the barrier, and a thread that returned false would run ggml's stock kernel with its
+//! own barriers and desynchronise the pool. So a failure after that point (a panic, which
+//! the code above is written never to raise) aborts the process with a message naming the
+//! op and the reason, instead of hanging or corrupting the output.
+
+pub mod mmid;
+pub mod work;
+pub mod workers;
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::buffer::{NumaBuffer, PlacedTensor};
+use crate::config::{PinMode, Runtime};
+use crate::ggml::{Api, NumaMoeComputeParams};
+use crate::placement::Piece;
+use mmid::MmidOp;
+use work::Work;
+use workers::{assign, PinPlan};
+
+/// MUL_MAT_ID ops over placed weights: computed here, or left to ggml-cpu's stock kernel.
+pub static OPS_COMPUTED: AtomicU64 = AtomicU64::new(0);
+pub static OPS_DECLINED: AtomicU64 = AtomicU64::new(0);
+/// Pinned worker threads checked against their planned node (each op), and those found
+/// running elsewhere.
+pub static WORKERS_CHECKED: AtomicU64 = AtomicU64::new(0);
+pub static WORKERS_OFF_NODE: AtomicU64 = AtomicU64::new(0);
+/// Times a worker was narrowed to a node's CPUs (a first pin, or ggml resetting the
+/// thread's mask, as OpenMP builds do at every graph).
+pub static WORKER_PINS: AtomicU64 = AtomicU64::new(0);
+
+/// A worker's pinning, kept per OS thread.
+#[derive(Debug, Clone)]
+struct Pinned {
+    ith: usize,
+    /// The CPU set ggml (or the OS) gave the thread.
+    allowed: Vec<u32>,
+    /// What numa-moe narrowed it to, and the node.
+    plan: PinPlan,
+}
+
+thread_local! {
+    static PINNED: RefCell<Option<Pinned>> = const { RefCell::new(None) };
+    /// (ith, node) of this thread on a described machine.
+    static DESCRIBED: Cell<Option<(usize, u32)>> = const { Cell::new(None) };
+}
+
+/// Work buffer bytes for the op with `n_threads` threads.
+pub fn work_size(op: &MmidOp, n_threads: usize) -> usize {
+    op.layout(n_threads.max(1)).total
+}
+
+/// Step 0: whether this op is computed here, decided alike on every thread. `None`: decline.
+pub fn decide(op: &MmidOp, placed: &PlacedTensor, params: &NumaMoeComputeParams) -> Option<Work> {
+    // the plan must describe these very weights (rows and experts as laid out in the op)
+    let t = &placed.plan.tensor;
+    let ok_plan = placed.by_expert.len() == op.n_expert()
+        && t.n_expert as usize == op.n_expert()
+        && t.rows == op.src0.ne()[1] as u64
+        && t.row_bytes == op.src0.nb()[1] as u64;
+    let work = if ok_plan { Work::new(params, op.layout(params.nth.max(1) as usize)) } else { None };
+    if work.is_none() && params.ith == 0 {
+        OPS_DECLINED.fetch_add(1, Ordering::Relaxed);
+    }
+    work
+}
+
+/// Steps 1 and 2 on this thread, after [`decide`] said yes on every thread. Never returns
+/// early: it finishes the op or aborts the process.
+pub fn run(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phases(rt, api, op, buf, placed, work)));
+    if let Err(payload) = outcome {
+        let reason = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        fatal(api, op, &reason);
+    }
+}
+
+/// The op cannot be finished and cannot be handed back: say why, then abort.
+#[cold]
+fn fatal(api: &Api, op: &MmidOp, reason: &str) -> ! {
+    let msg = format!(
+        "numa-moe: fatal: MUL_MAT_ID {} over {} failed after every thread had committed to computing it ({reason}); \
+         ggml's threads cannot continue in step, aborting\n",
+        op.dst.name(),
+        op.src0.name()
+    );
+    api.log(crate::ggml::raw::GGML_LOG_LEVEL_ERROR as i32, &msg);
+    eprint!("{msg}");
+    std::process::abort()
+}
+
+/// A failure injected after the decision point, for the test that proves such failures
+/// abort cleanly instead of hanging ggml's barrier (builds with `--features fault-injection`
+/// only; release builds have no such switch).
+#[cfg(feature = "fault-injection")]
+fn injected_fault(work: &Work) {
+    if std::env::var("NUMA_MOE_INJECT_FAULT").as_deref() == Ok("after-decision") && work.ith() + 1 == work.nth() {
+        panic!("injected fault (NUMA_MOE_INJECT_FAULT=after-decision)");
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn injected_fault(_: &Work) {}
+
+fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work) {
+    let (ith, nth) = (work.ith(), work.nth());
+    if ith == 0 {
+        OPS_COMPUTED.fetch_add(1, Ordering::Relaxed);
+    }
+
+    // Phase A.
+    if ith == 0 {
+        buf.report_once(rt);
+        work.reset_claims();
+    }
+    buf.sync_replicas(placed);
+    work.set_roster(thread_node(rt, api, ith));
+    op.convert_src1(work);
+    if ith == 0 {
+        op.group_rows(work);
+    }
+    injected_fault(work);
+    api.barrier(&work.params);
+
+    // Phase B.
+    if ith == 0 {
+        buf.verify_once(rt);
+    }
+    let a = assign(&rt.topology, &work.roster(), &placed.piece_nodes);
+    let (group, rank, size, slot) = a.of_thread(ith);
+    let primary = op.src0.data_ptr() as *const u8;
+    let mine = |p: &&Piece| a.group_of_node.get(&p.node) == Some(&group);
+
+    // Experts stock computes with ggml's tiled K-quant kernel are computed the same way, each
+    // piece by its whole group (the kernel partitions its rows by rank itself).
+    let mut tiled = Vec::new();
+    for (expert, pieces) in placed.by_expert.iter().enumerate() {
+        if op.routed(work, expert) == 0 {
+            continue;
+        }
+        for p in pieces.iter().filter(mine) {
+            let base = placed.copy_base(primary, p.copy);
+            if op.tiled(work, base, expert, p.rows.start as i64..p.rows.end as i64, rank, size) {
+                tiled.push((expert, p.rows.start));
+            }
+        }
+    }
+    // The rest in chunks the group's threads claim one at a time from the group's counter:
+    // a thread that runs slower (a busy core, an SMT sibling) simply claims fewer, and no
+    // thread leaves its node's pieces. Chunks as stock's: 64 rows for one token, else 16.
+    let items = chunks(&placed.by_expert, |e| op.routed(work, e), &mine, &tiled);
+    debug_assert!(slot < nth);
+    loop {
+        let i = work.claim(slot);
+        let Some(&(expert, ref rows, copy)) = items.get(i) else { break };
+        op.dot_rows(work, placed.copy_base(primary, copy), expert, rows.clone());
+    }
+}
+
+/// The node this thread works for: on a described topology its slot in the balanced
+/// worker sequence (so multi-node plans can be exercised on any machine); on the host the
+/// node it runs on, after narrowing it to its node's CPUs when that is ours to do.
+fn thread_node(rt: &Runtime, api: &Api, ith: usize) -> u32 {
+    let topo = &rt.topology;
+    if !topo.is_host() {
+        return DESCRIBED.with(|d| match d.get() {
+            Some((i, node)) if i == ith => node,
+            _ => {
+                let node = workers::described_node(topo, ith);
+                d.set(Some((ith, node)));
+                node
+            }
+        });
+    }
+    // The main thread (ith 0) is llama.cpp's own thread: pinning it would outlive the op and
+    // be inherited by threads it starts later, so it only reports where it runs.
+    let ours = ith != 0 && topo.compute_nodes().len() > 1 && rt.pin() == PinMode::Auto && !api.is_numa();
+    let planned = if ours { pin(rt, ith) } else { None };
+    let node = match crate::sys::getcpu() {
+        Ok((_, node)) if topo.node(node).is_some() => node,
+        _ => topo.node_ids()[0],
+    };
+    if let Some(want) = planned {
+        WORKERS_CHECKED.fetch_add(1, Ordering::Relaxed);
+        if want != node {
+            WORKERS_OFF_NODE.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    node
+}
+
+/// Narrows this worker to its node's CPUs inside the set it was given, once per thread
+/// (again only if something else reset its mask). Returns the node it is pinned to.
+fn pin(rt: &Runtime, ith: usize) -> Option<u32> {
+    let current = crate::sys::thread_affinity().ok()?;
+    PINNED.with(|cell| {
+        let mut state = cell.borrow_mut();
+        let pinned_cpus = |s: &Pinned| match &s.plan {
+            PinPlan::Pin { cpus, .. } => Some(cpus.clone()),
+            PinPlan::Leave => None,
+        };
+        // Where the thread stands: still as we left it, reset to the set it had, or given
+        // a new set by someone else (then that is the set to stay inside).
+        let allowed = match state.as_ref() {
+            Some(s)
+                if s.ith == ith
+                    && (pinned_cpus(s).as_deref() == Some(&current[..]) || (s.plan == PinPlan::Leave && s.allowed == current)) =>
+            {
+                return plan_node(&s.plan);
+            }
+            Some(s) if s.allowed == current || pinned_cpus(s).as_deref() == Some(&current[..]) => s.allowed.clone(),
+            _ => current.clone(),
+        };
+        let plan = workers::pin_plan(rt.topology.nodes(), &allowed, ith);
+        if let PinPlan::Pin { node, cpus } = &plan {
+            match crate::sys::set_thread_affinity(cpus) {
+                Ok(()) => {
+                    WORKER_PINS.fetch_add(1, Ordering::Relaxed);
+                    crate::log::debug(&format!(
+                        "numa-moe: worker {ith} pinned to node {node}, CPUs {} (of {})",
+                        cpu_list(cpus),
+                        cpu_list(&allowed)
+                    ));
+                }
+                Err(e) => {
+                    crate::log::warn_once(
+                        rt,
+                        "pin",
+                        &format!("numa-moe: warning: cannot pin worker threads ({e}); assigning work by the node each thread runs on"),
+                    );
+                    *state = Some(Pinned { ith, allowed: allowed.clone(), plan: PinPlan::Leave });
+                    return None;
+                }
+            }
+        }
+        let node = plan_node(&plan);
+        *state = Some(Pinned { ith, allowed, plan });
+        node
+    })
+}
+
+fn plan_node(p: &PinPlan) -> Option<u32> {
+    match p {
+        PinPlan::Pin { node, .. } => Some(*node),
+        PinPlan::Leave => None,
+    }
+}
+
+/// "0-3,8,10-11"
+pub fn cpu_list(cpus: &[u32]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+/// This group's chunks of work, in the same order on every thread of the group.
+fn chunks(
+    by_expert: &[Vec<Piece>],
+    routed: impl Fn(usize) -> usize,
+    mine: &dyn Fn(&&Piece) -> bool,
+    tiled: &[(usize, u64)],
+) -> Vec<(usize, std::ops::Range<i64>, usize)> {
+    let mut items = Vec::new();
+    for (expert, pieces) in by_expert.iter().enumerate() {
+        let n = routed(expert);
+        if n == 0 {
+            continue;
+        }
+        let chunk = if n == 1 { 64 } else { 16 };
+        for p in pieces.iter().filter(mine) {
+            if tiled.contains(&(expert, p.rows.start)) {
+                continue;
+            }
+            let mut r = p.rows.start as i64;
+            while r < p.rows.end as i64 {
+                let end = (r + chunk).min(p.rows.end as i64);
+                items.push((expert, r..end, p.copy));
+                r = end;
+            }
+        }
+    }
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_are_compact() {
+        assert_eq!(cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+        assert_eq!(cpu_list(&[]), "");
+    }
+
+    #[test]
+    fn chunks_cover_this_groups_rows_once_and_skip_tiled_pieces() {
+        let piece = |expert, rows: std::ops::Range<u64>, node| Piece { expert, rows, node, copy: node as usize };
+        let by_expert = vec![
+            vec![piece(0, 0..100, 0), piece(0, 100..200, 1)],
+            vec![piece(1, 0..100, 0), piece(1, 100..200, 1)],
+            vec![piece(2, 0..100, 0), piece(2, 100..200, 1)],
+        ];
+        // expert 1 not routed; expert 2 has 5 rows (16-row chunks), expert 0 one (64-row chunks)
+        let routed = |e: usize| [1, 0, 5][e];
+        let on0 = |p: &&Piece| p.node == 0;
+        let items = chunks(&by_expert, routed, &on0, &[]);
+        let rows: Vec<(usize, i64, i64)> = items.iter().map(|(e, r, _)| (*e, r.start, r.end)).collect();
+        assert_eq!(rows[..2], [(0, 0, 64), (0, 64, 100)]);
+        assert_eq!(rows[2..], [(2, 0, 16), (2, 16, 32), (2, 32, 48), (2, 48, 64), (2, 64, 80), (2, 80, 96), (2, 96, 100)]);
+        assert!(items.iter().all(|(_, _, copy)| *copy == 0));
+        let skip = chunks(&by_expert, routed, &on0, &[(2, 0)]);
+        assert_eq!(skip.len(), 2);
+    }
+}

@@ -1,0 +1,90 @@
+//! What numa-moe tells the user about placement: the load report (what went where), the
+//! result of the page check, and the wording of extents and bindings in messages.
+
+use std::sync::Arc;
+
+use crate::buffer::PlacedTensor;
+use crate::config::Runtime;
+use crate::memory::PageReport;
+use crate::placement::{self, Binding, TensorPlan};
+use crate::topology::format_gib;
+
+pub fn short_name(name: &str) -> &str {
+    name.strip_suffix(".weight").unwrap_or(name)
+}
+
+pub fn describe_binding(b: &Binding) -> String {
+    match b {
+        Binding::Node(n) => format!("node {n}"),
+        Binding::Interleave(ns) => format!("nodes {} (interleaved)", crate::topology::render_cpu_list(ns)),
+    }
+}
+
+/// "expert 3, row 17" for a byte offset into a tensor.
+pub fn describe_extent(plan: &TensorPlan, offset: u64) -> String {
+    let eb = plan.tensor.expert_bytes().max(1);
+    let e = offset / eb;
+    let row = (offset % eb) / plan.tensor.row_bytes.max(1);
+    format!("expert {e}, row {row}")
+}
+
+/// The load report of one buffer's placed tensors: totals, each node's share, and every
+/// tensor not placed as planned.
+pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
+    if placed.is_empty() {
+        return Vec::new();
+    }
+    let s = rt.settings();
+    let total: u64 = placed.iter().map(|p| p.plan.tensor.bytes()).sum();
+    let mut lines = vec![format!(
+        "numa-moe: {} expert tensors ({}) placed by map \"{}\" ({}){}",
+        placed.len(),
+        format_gib(total),
+        s.map.render(),
+        s.map_origin,
+        if rt.binds() { String::new() } else { " on a described topology: planned, not bound".into() }
+    )];
+    let loads = placement::node_loads(&rt.topology, &placed.iter().map(|p| p.plan.clone()).collect::<Vec<_>>());
+    let mut parts = Vec::new();
+    for l in loads.iter().filter(|l| l.bytes > 0) {
+        let example = placed.iter().find(|p| p.plan.pieces().iter().any(|x| x.node == l.node));
+        let share =
+            example.map(|p| format!(", {}: {}", short_name(&p.plan.tensor.name), p.plan.describe_share(l.node))).unwrap_or_default();
+        parts.push(format!("node {}: {} ({} tensors{share})", l.node, format_gib(l.bytes), l.tensors));
+    }
+    lines.push(format!("numa-moe: {}", parts.join(" | ")));
+    for p in placed {
+        if let Some(d) = p.degraded.lock().as_ref() {
+            lines.push(format!("numa-moe: {} not placed as planned: {d}", p.plan.tensor.name));
+        }
+    }
+    lines
+}
+
+/// The line that reports the load-time page check (`stride`: every stride-th page seen).
+pub fn page_check(r: &PageReport, stride: usize) -> (bool, String) {
+    let scale = stride as u64 * crate::sys::page_size() as u64;
+    let nodes: Vec<String> = r.per_node.iter().map(|(n, c)| format!("node {n} {}", format_gib(c * scale))).collect();
+    let sample = if stride > 1 { format!(" (every {stride}th page)") } else { String::new() };
+    if r.misplaced == 0 {
+        (
+            true,
+            format!(
+                "numa-moe: verified {} resident pages{sample} of expert memory ({}): none off its planned node",
+                r.resident(),
+                nodes.join(", ")
+            ),
+        )
+    } else {
+        let (at, want, got) = r.first_misplaced.clone().unwrap_or_default();
+        (
+            false,
+            format!(
+                "numa-moe: warning: {} of {} expert pages{sample} are off their planned node ({}); the first is {at}: planned node {want}, found on node {got}",
+                r.misplaced,
+                r.resident(),
+                nodes.join(", ")
+            ),
+        )
+    }
+}
