@@ -16,7 +16,7 @@ CFLAGS_T   := -O2 -g -Wall -Wextra -Werror -std=c11
 export NUMA_MOE_LLAMA_SRC := $(LLAMA_SRC)
 
 .PHONY: help setup source llama llama-linked lib header header-check harness greedy models \
-        test test-rust test-c test-e2e test-numa demo bench clean
+        fault-lib mmid-bench lint test test-rust test-c test-e2e test-numa demo bench clean
 
 help:
 	@echo "make demo          patched llama.cpp runs a MoE model with numa-moe and prints the placement"
@@ -59,10 +59,34 @@ harness: $(ROOT)/build/c/harness
 
 # the end-to-end driver: greedy tokens and logits hashes through llama.cpp's C API
 $(ROOT)/build/greedy: tests/e2e/greedy.c llama
-	$(CC) $(CFLAGS_T) -I$(LLAMA_SRC)/include -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lllama -lggml-base \
+	$(CC) $(CFLAGS_T) -I$(LLAMA_SRC)/include -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lllama -lggml-base -lggml-cpu \
 	    -Wl,-rpath,$(LLAMA_BIN)
 
 greedy: $(ROOT)/build/greedy
+
+# the library with the test-only fault switch (Cargo feature fault-injection), for the test
+# that a failure after the hook's decision point aborts instead of hanging ggml; the normal
+# library is rebuilt right after, so target/release never keeps the switch
+FAULT_LIB := $(ROOT)/build/fault/libnuma_moe.so
+$(FAULT_LIB): Cargo.toml build.rs $(shell find src -name '*.rs') | lib
+	$(CARGO) build --release --features fault-injection
+	@mkdir -p $(dir $@) && cp $(LIB) $@
+	$(CARGO) build --release
+
+fault-lib: $(FAULT_LIB)
+
+# the op-level benchmark (make bench runs it)
+$(ROOT)/build/mmid_bench: tests/bench/mmid_bench.c tests/c/cpu_extra_bufts.h include/numa_moe.h lib llama
+	@mkdir -p build
+	$(CC) $(CFLAGS_T) -Iinclude -I$(GGML_INC) $< -o $@ -L$(ROOT)/target/release -lnuma_moe -L$(LLAMA_BIN) -lggml-base -lggml-cpu -lggml \
+	    -Wl,-rpath,$(ROOT)/target/release:$(LLAMA_BIN) -lm -pthread
+
+mmid-bench: $(ROOT)/build/mmid_bench
+
+# what CI holds the Rust code to: rustfmt and clippy without warnings
+lint: source
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
 
 $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 	$(CC) -O2 -Wall -Wextra -Werror -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lggml-base -lggml \
@@ -72,7 +96,7 @@ $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 models: llama $(ROOT)/build/make-moe-model
 	@scripts/models.sh
 
-test: setup llama header-check harness greedy models llama-linked
+test: setup llama header-check lint harness greedy models llama-linked fault-lib
 	@scripts/test.sh all
 
 test-rust: source
@@ -81,7 +105,7 @@ test-rust: source
 test-c: harness
 	@scripts/test.sh c
 
-test-e2e: lib llama greedy models llama-linked
+test-e2e: lib llama greedy models llama-linked fault-lib
 	@scripts/test.sh e2e
 
 test-numa: lib llama harness greedy models
@@ -90,7 +114,7 @@ test-numa: lib llama harness greedy models
 demo: setup llama lib models
 	@scripts/demo.sh
 
-bench: setup llama lib $(ROOT)/build/make-moe-model
+bench: setup llama lib $(ROOT)/build/make-moe-model $(ROOT)/build/mmid_bench
 	@scripts/bench.sh
 
 clean:

@@ -5,7 +5,7 @@ set -euo pipefail
 
 pkgs=(cmake pkg-config make gcc g++ libclang-dev libhwloc-dev libudev-dev ccache
       patch python3-pip time
-      qemu-system-x86 busybox-static cpio)
+      qemu-system-x86 busybox-static cpio valgrind)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -39,7 +39,10 @@ suite_c() {
     NUMA_MOE_FORCE_BIND=1 NUMA_MOE_TOPOLOGY="package:2 numa:1 core:1 pu:1" "$HARNESS" buffer_bind 2>>"$LOGS/harness-bind.err" \
         | tee "$LOGS/harness-bind.log" | grep -E "^FAIL|passed|skipped" || true
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-    if command -v valgrind >/dev/null; then
+    if ! command -v valgrind >/dev/null; then
+        echo "FAIL valgrind is missing (scripts/setup.sh installs it)"
+        rc=1
+    else
         echo "C harness under valgrind (ABI and alloc/free cycles; leaks and invalid accesses are errors):"
         valgrind -q --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite \
             "$HARNESS" abi buffer 2>"$LOGS/valgrind.err" | tee "$LOGS/valgrind.log" | grep -E "^FAIL|passed" || true
@@ -54,7 +57,11 @@ suite_c() {
 }
 
 suite_e2e() {
-    tests/e2e/run.sh
+    local rc=0
+    tests/e2e/run.sh || rc=1
+    echo "hardening (80 thread groups, a fault after the decision point, replicas, batch threads):"
+    tests/e2e/hardening.sh || rc=1
+    return $rc
 }
 
 suite_numa() {

@@ -234,15 +234,20 @@ fn pin(rt: &Runtime, ith: usize) -> Option<u32> {
             _ => current.clone(),
         };
         let plan = workers::pin_plan(rt.topology.nodes(), &allowed, ith);
+        // the same plan again: ggml reset the thread's mask (OpenMP builds with a CPU mask do
+        // at every graph); re-narrow it quietly
+        let again = state.as_ref().is_some_and(|s| s.ith == ith && s.plan == plan);
         if let PinPlan::Pin { node, cpus } = &plan {
             match crate::sys::set_thread_affinity(cpus) {
                 Ok(()) => {
                     WORKER_PINS.fetch_add(1, Ordering::Relaxed);
-                    crate::log::debug(&format!(
-                        "numa-moe: worker {ith} pinned to node {node}, CPUs {} (of {})",
-                        cpu_list(cpus),
-                        cpu_list(&allowed)
-                    ));
+                    if !again {
+                        crate::log::info(&format!(
+                            "numa-moe: worker {ith} pinned to node {node}, CPUs {} (of {})",
+                            cpu_list(cpus),
+                            cpu_list(&allowed)
+                        ));
+                    }
                 }
                 Err(e) => {
                     crate::log::warn_once(

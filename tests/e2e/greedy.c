@@ -1,12 +1,17 @@
 // greedy: decodes a prompt greedily through llama.cpp's C API and prints, for every step,
 // the chosen token and a hash of all the logits (their exact bits), synchronously.
 //
-//   greedy MODEL N_PREDICT PROMPT [--threads N] [--no-extra-bufts] [--load-mode none|mmap] [--numa distribute]
+//   greedy MODEL N_PREDICT PROMPT [--threads N] [--threads-batch N] [--cpus A-B] [--no-extra-bufts]
+//          [--load-mode none|mmap] [--numa distribute]
+//
+// --cpus gives ggml's threadpools a CPU mask (llama.cpp's --cpu-range), for the tests that
+// check numa-moe pins workers only inside it.
 //
 // The end-to-end tests compare these lines between stock llama.cpp and numa-moe (preloaded;
 // its map comes from NUMA_MOE_EXPERT_MAP): equal lines mean the same tokens from bit-identical
 // logits. numa-moe's placement report is passed through from llama.cpp's log to stderr.
 
+#include "ggml-cpu.h"
 #include "llama.h"
 
 #include <inttypes.h>
@@ -32,7 +37,7 @@ static uint64_t fnv1a(const void * p, size_t n) {
 
 int main(int argc, char ** argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s MODEL N_PREDICT PROMPT [--threads N] [--no-extra-bufts] [--load-mode none|mmap] [--numa distribute]\n",
+        fprintf(stderr, "usage: %s MODEL N_PREDICT PROMPT [--threads N] [--threads-batch N] [--cpus A-B] [--no-extra-bufts] [--load-mode none|mmap] [--numa distribute]\n",
                 argv[0]);
         return 2;
     }
@@ -40,12 +45,21 @@ int main(int argc, char ** argv) {
     const int    n_predict = atoi(argv[2]);
     const char * prompt    = argv[3];
     int          threads   = 2;
+    int          threads_b = 0;
+    int          cpu_lo = -1, cpu_hi = -1;
     int          extra     = 1;
     int          mode      = LLAMA_LOAD_MODE_MMAP;
     int          numa      = 0;
     for (int i = 4; i < argc; i++) {
         if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc) {
             threads = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--threads-batch") == 0 && i + 1 < argc) {
+            threads_b = atoi(argv[++i]);
+        } else if (strcmp(argv[i], "--cpus") == 0 && i + 1 < argc) {
+            if (sscanf(argv[++i], "%d-%d", &cpu_lo, &cpu_hi) != 2 || cpu_lo < 0 || cpu_hi < cpu_lo || cpu_hi >= GGML_MAX_N_THREADS) {
+                fprintf(stderr, "--cpus wants A-B\n");
+                return 2;
+            }
         } else if (strcmp(argv[i], "--no-extra-bufts") == 0) {
             extra = 0;
         } else if (strcmp(argv[i], "--numa") == 0 && i + 1 < argc) {
@@ -76,12 +90,24 @@ int main(int argc, char ** argv) {
     cp.n_ctx                       = 256;
     cp.n_batch                     = 256;
     cp.n_threads                   = threads;
-    cp.n_threads_batch             = threads;
+    cp.n_threads_batch             = threads_b > 0 ? threads_b : threads;
     cp.no_perf                     = true;
     struct llama_context * ctx     = llama_init_from_model(model, cp);
     if (!ctx) {
         fprintf(stderr, "greedy: cannot create a context\n");
         return 1;
+    }
+    struct ggml_threadpool * tp = NULL, *tp_batch = NULL;
+    if (cpu_lo >= 0) {
+        // as llama.cpp's --cpu-range: every worker may run on any CPU of the range
+        struct ggml_threadpool_params tpp = ggml_threadpool_params_default(cp.n_threads);
+        struct ggml_threadpool_params tpb = ggml_threadpool_params_default(cp.n_threads_batch);
+        for (int c = cpu_lo; c <= cpu_hi; c++) {
+            tpp.cpumask[c] = tpb.cpumask[c] = true;
+        }
+        tp       = ggml_threadpool_new(&tpp);
+        tp_batch = ggml_threadpool_new(&tpb);
+        llama_attach_threadpool(ctx, tp, tp_batch);
     }
     const struct llama_vocab * vocab   = llama_model_get_vocab(model);
     const int                  n_vocab = llama_vocab_n_tokens(vocab);
@@ -112,6 +138,10 @@ int main(int argc, char ** argv) {
     }
     fflush(stdout);
     llama_free(ctx);
+    if (tp) {
+        ggml_threadpool_free(tp);
+        ggml_threadpool_free(tp_batch);
+    }
     llama_model_free(model);
     llama_backend_free();
     return 0;

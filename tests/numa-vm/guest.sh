@@ -75,5 +75,47 @@ for extra in "--numa distribute" "--load-mode none"; do
     fi
 done
 
+# 4. pinning stays inside the CPU set llama.cpp gives its threads (--cpu-range) and does not
+#    move a thread when the batch thread count differs from the decode one
+expand() { # "2-3,5" -> "2 3 5"
+    echo "$1" | tr ',' '\n' | while IFS=- read -r a b; do seq "$a" "${b:-$a}"; done | tr '\n' ' '
+}
+ncpu=$(nproc)
+if [ "$NUMA_VM_SCENARIO" != taskset ] && [ "$ncpu" -ge 2 ]; then
+    if [ "$ncpu" -ge 6 ]; then range=2-5; else range=1-$((ncpu - 1)); fi
+    [ "$ncpu" -eq 2 ] && range=0-1  # one CPU per node: both
+    allowed=" $(expand "$range")"
+    for args in "--threads 4 --threads-batch 2" "--threads 2 --threads-batch 4"; do
+        $prefix "$G" "$model" 8 "The quick brown fox" --no-extra-bufts $args > /tmp/ref 2>/dev/null
+        if ! NUMA_MOE_EXPERT_MAP=rows LD_PRELOAD=$LIB "$G" "$model" 8 "The quick brown fox" --cpus "$range" $args > /tmp/got 2>/tmp/got.err; then
+            fail "pinning [--cpus $range $args]: run failed: $(grep -m2 -iE 'error|fatal' /tmp/got.err)"
+            continue
+        fi
+        cmp -s /tmp/ref /tmp/got || { fail "pinning [--cpus $range $args]: differs from stock"; continue; }
+        bad=""
+        pins=$(grep -o 'worker [0-9]* pinned to node [0-9]*, CPUs [0-9,-]* (of [0-9,-]*)' /tmp/got.err)
+        while read -r _ w _ _ _ node _ cpus _ of; do
+            [ -n "$w" ] || continue
+            for c in $(expand "$cpus"); do
+                case "$allowed " in *" $c "*) ;; *) bad="$bad worker $w on CPU $c outside $range;" ;; esac
+            done
+            [ "$(expand "${of%)}")" = "$(expand "$range")" ] || bad="$bad worker $w saw set ${of%)};"
+            # one node per worker index for the whole run, whatever the thread count
+            other=$(echo "$pins" | awk -v w="$w" -v n="${node%,}" '$2 == w && $6 != n "," { print $6 }' | head -1)
+            [ -z "$other" ] || bad="$bad worker $w moved from node ${node%,} to ${other%,};"
+        done <<PINS
+$pins
+PINS
+        n=$(echo "$pins" | grep -c pinned)
+        if [ -n "$bad" ]; then
+            fail "pinning [--cpus $range $args]:$bad"
+        elif [ "$n" -eq 0 ]; then
+            fail "pinning [--cpus $range $args]: no worker was pinned"
+        else
+            pass "pinning [--cpus $range $args]: $n pins, all inside $range, none moved"
+        fi
+    done
+fi
+
 echo "guest $NUMA_VM_SCENARIO: $passed passed, $failed failed"
 [ $failed -eq 0 ]
