@@ -106,7 +106,8 @@ fn fatal(api: &Api, op: &MmidOp, reason: &str) -> ! {
         op.dst.name(),
         op.src0.name()
     );
-    api.log(crate::ggml::raw::GGML_LOG_LEVEL_ERROR as i32, &msg);
+    // straight to stderr: llama.cpp's logger is asynchronous and would lose it at abort
+    let _ = api;
     eprint!("{msg}");
     std::process::abort()
 }

@@ -68,7 +68,7 @@ fi
 
 # 2. a failure after the decision point aborts, with the op named
 if [ -f "$FAULT_LIB" ]; then
-    NUMA_MOE_INJECT_FAULT=after-decision run fault "$TWO" rows "$FAULT_LIB" --threads 2
+    (NUMA_MOE_INJECT_FAULT=after-decision run fault "$TWO" rows "$FAULT_LIB" --threads 2) 2>/dev/null
     rc=$?
     if [ $rc -eq 124 ]; then
         fail "injected fault: the run hung (killed after 300 s)"
