@@ -34,6 +34,12 @@ pub type Span = Range<usize>;
 /// cbindgen:ignore
 pub const MAX_EXPERTS: u32 = 1024;
 
+/// Most NUMA nodes a map may name: Linux's largest MAX_NUMNODES (CONFIG_NODES_SHIFT is at most
+/// 10), so node numbers run 0-1023.
+/// Not part of the C API:
+/// cbindgen:ignore
+pub const MAX_NODES: u32 = 1024;
+
 /// Most layers a model may have: llama.cpp's `LLAMA_MAX_LAYERS` (same file; llama-model.cpp
 /// asserts `n_layer <= LLAMA_MAX_LAYERS`). Maps may still select higher layer numbers
 /// (`blk.0-9999=rows` means "every layer"); a tensor in such a layer is an error.
@@ -223,6 +229,16 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// A node number, below [`MAX_NODES`]: so a node list holds at most that many distinct
+    /// nodes, and what resolve copies per expert stays small whatever the map's length.
+    fn node(&mut self) -> Result<(u32, Span), MapError> {
+        let (n, span) = self.int("a node number")?;
+        if n >= MAX_NODES {
+            return self.err(span, format!("node {n} is beyond the {MAX_NODES} nodes Linux can number (0-{})", MAX_NODES - 1));
+        }
+        Ok((n, span))
+    }
+
     fn range(&mut self, what: &str) -> Result<((u32, u32), Span), MapError> {
         let (lo, s0) = self.int(what)?;
         if self.eat(b'-') {
@@ -294,10 +310,10 @@ impl<'a> Parser<'a> {
                     return self.err(span, format!("unknown policy \"{w}\" (policies: {})", names.join(", ")));
                 };
                 let nodes = if self.eat(b'@') {
-                    let mut v = vec![self.int("a node number")?];
+                    let mut v = vec![self.node()?];
                     while self.peek() == Some(b',') {
                         self.pos += 1;
-                        v.push(self.int("a node number")?);
+                        v.push(self.node()?);
                     }
                     if let Some((n, s)) = first_repeat(&v) {
                         return self.err(s, format!("node {n} is listed twice"));
@@ -341,9 +357,9 @@ impl<'a> Parser<'a> {
             let found = self.describe_here();
             return self.err(self.here(), format!("expected ':' and a node after the experts, found {found}"));
         }
-        let mut nodes = vec![self.int("a node number")?];
+        let mut nodes = vec![self.node()?];
         while self.eat(b'+') {
-            nodes.push(self.int("a node number")?);
+            nodes.push(self.node()?);
         }
         if let Some((n, s)) = first_repeat(&nodes) {
             return self.err(s, format!("node {n} is listed twice for the same experts"));
@@ -741,11 +757,14 @@ mod tests {
         let err = e("blk.4294967291=block;blk.0-4294967291=rows");
         assert!(err.contains("layer 4294967291 is selected by two rules") && err.contains("\"blk.0-4294967291=rows\""), "{err}");
         assert!(t0.elapsed().as_millis() < 100, "{:?}", t0.elapsed());
-        // thousands of nodes listed once each: no quadratic scan
-        let nodes: Vec<String> = (0..20_000).map(|n| n.to_string()).collect();
+        // every node Linux can number, listed once each, and one listed twice
+        let nodes: Vec<String> = (0..1024).map(|n| n.to_string()).collect();
         assert_eq!(p(&format!("rows@{}", nodes.join(","))).render(), format!("rows@{}", nodes.join(",")));
         let err = e(&format!("0:{}+7", nodes.join("+")));
         assert!(err.contains("node 7 is listed twice"), "{err}");
+        let err = e("0-7:0,8-15:1024");
+        assert!(err.contains("node 1024 is beyond the 1024 nodes Linux can number (0-1023) (at characters 12-15"), "{err}");
+        assert!(e("rows@0,4294967295").contains("node 4294967295 is beyond the 1024 nodes"));
     }
 
     #[test]
