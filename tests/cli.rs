@@ -164,6 +164,7 @@ fn plan_rejects_nested_arrays_without_recursing() {
     b.extend_from_slice(&0u64.to_le_bytes());
     let model = temp_file("nested.gguf", &b);
     let (code, _, err, took) = timed(&["plan", "--model", model.to_str().unwrap(), "--topology", TWO_NODES]);
+    std::fs::remove_file(&model).unwrap();
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("key \"deep.\"") && err.contains("array of arrays"), "{err}");
     assert!(took.as_secs_f64() < 5.0, "{took:?}");
