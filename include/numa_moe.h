@@ -272,7 +272,8 @@ size_t numa_moe_last_error(char *buf, size_t len);
 /**
  * Checks a `--numa-expert-map` value: its syntax, and that every node it names exists on
  * this machine, has memory and is allowed. With `n_expert` > 0 it also checks the experts
- * against a tensor of that many experts (beyond the model, mapped twice, not mapped).
+ * against a tensor of that many experts (beyond the model, mapped twice, not mapped);
+ * `n_expert` above 1024 (llama.cpp's LLAMA_MAX_EXPERTS) is NUMA_MOE_RESULT_INVALID_ARGUMENT.
  *
  * # Safety
  * `map` must be NULL or a NUL-terminated string.

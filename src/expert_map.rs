@@ -27,6 +27,26 @@ use crate::topology::Topology;
 
 pub type Span = Range<usize>;
 
+/// Most experts a tensor may stack: llama.cpp's `LLAMA_MAX_EXPERTS` (src/llama-hparams.h of the
+/// pinned llama.cpp, where llama-model.cpp asserts `n_expert <= LLAMA_MAX_EXPERTS`). A map
+/// naming an expert at or beyond it, or a tensor with more, is an error.
+/// Not part of the C API:
+/// cbindgen:ignore
+pub const MAX_EXPERTS: u32 = 1024;
+
+/// Most NUMA nodes a map may name: Linux's largest MAX_NUMNODES (CONFIG_NODES_SHIFT is at most
+/// 10), so node numbers run 0-1023.
+/// Not part of the C API:
+/// cbindgen:ignore
+pub const MAX_NODES: u32 = 1024;
+
+/// Most layers a model may have: llama.cpp's `LLAMA_MAX_LAYERS` (same file; llama-model.cpp
+/// asserts `n_layer <= LLAMA_MAX_LAYERS`). Maps may still select higher layer numbers
+/// (`blk.0-9999=rows` means "every layer"); a tensor in such a layer is an error.
+/// Not part of the C API:
+/// cbindgen:ignore
+pub const MAX_LAYERS: u32 = 512;
+
 /// The named placement policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Policy {
@@ -209,6 +229,16 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// A node number, below [`MAX_NODES`]: so a node list holds at most that many distinct
+    /// nodes, and what resolve copies per expert stays small whatever the map's length.
+    fn node(&mut self) -> Result<(u32, Span), MapError> {
+        let (n, span) = self.int("a node number")?;
+        if n >= MAX_NODES {
+            return self.err(span, format!("node {n} is beyond the {MAX_NODES} nodes Linux can number (0-{})", MAX_NODES - 1));
+        }
+        Ok((n, span))
+    }
+
     fn range(&mut self, what: &str) -> Result<((u32, u32), Span), MapError> {
         let (lo, s0) = self.int(what)?;
         if self.eat(b'-') {
@@ -280,15 +310,13 @@ impl<'a> Parser<'a> {
                     return self.err(span, format!("unknown policy \"{w}\" (policies: {})", names.join(", ")));
                 };
                 let nodes = if self.eat(b'@') {
-                    let mut v = vec![self.int("a node number")?];
+                    let mut v = vec![self.node()?];
                     while self.peek() == Some(b',') {
                         self.pos += 1;
-                        v.push(self.int("a node number")?);
+                        v.push(self.node()?);
                     }
-                    for (i, (n, s)) in v.iter().enumerate() {
-                        if v[..i].iter().any(|(m, _)| m == n) {
-                            return self.err(s.clone(), format!("node {n} is listed twice"));
-                        }
+                    if let Some((n, s)) = first_repeat(&v) {
+                        return self.err(s, format!("node {n} is listed twice"));
                     }
                     Some(v.into_iter().map(|(n, _)| n).collect())
                 } else {
@@ -318,21 +346,23 @@ impl<'a> Parser<'a> {
         let experts = if self.eat(b'*') {
             Experts::Rest
         } else {
-            let ((lo, hi), _) = self.range("an expert number")?;
+            let ((lo, hi), span) = self.range("an expert number")?;
+            if hi >= MAX_EXPERTS {
+                return self
+                    .err(span, format!("expert {hi} is beyond the {MAX_EXPERTS} experts llama.cpp supports (0-{})", MAX_EXPERTS - 1));
+            }
             Experts::Range(lo, hi)
         };
         if !self.eat(b':') {
             let found = self.describe_here();
             return self.err(self.here(), format!("expected ':' and a node after the experts, found {found}"));
         }
-        let mut nodes = vec![self.int("a node number")?];
+        let mut nodes = vec![self.node()?];
         while self.eat(b'+') {
-            nodes.push(self.int("a node number")?);
+            nodes.push(self.node()?);
         }
-        for (i, (n, s)) in nodes.iter().enumerate() {
-            if nodes[..i].iter().any(|(m, _)| m == n) {
-                return self.err(s.clone(), format!("node {n} is listed twice for the same experts"));
-            }
+        if let Some((n, s)) = first_repeat(&nodes) {
+            return self.err(s, format!("node {n} is listed twice for the same experts"));
         }
         Ok(Clause { experts, nodes: nodes.into_iter().map(|(n, _)| n).collect(), span: start..self.pos })
     }
@@ -364,34 +394,75 @@ impl ExpertMap {
         MapError::new(&self.text, span, msg)
     }
 
+    /// Checks that hold whatever the tensor: one default rule, no layer selected by two rules,
+    /// no expert named by two clauses of a rule, at most one `*` per rule. Overlaps are found by
+    /// sorting the ranges and sweeping them, so the cost follows the map's length, never the
+    /// numbers in it (`blk.0-4294967290` is one range, not four billion layers).
     fn check_rules(&self) -> Result<(), MapError> {
-        let mut default: Option<&Rule> = None;
-        for (i, r) in self.rules.iter().enumerate() {
-            match &r.layers {
-                None => {
-                    if default.is_some() {
-                        return Err(
-                            self.err(Some(r.span.clone()), "two rules apply to all layers; give layer selections like \"blk.0-3=\"")
-                        );
-                    }
-                    default = Some(r);
-                }
-                Some(ranges) => {
-                    for &(lo, hi) in ranges {
-                        for other in &self.rules[..i] {
-                            if let Some(o) = &other.layers {
-                                if let Some(l) = (lo..=hi).find(|l| o.iter().any(|&(a, b)| (a..=b).contains(l))) {
-                                    return Err(self.err(Some(r.span.clone()), format!("layer {l} is selected by two rules")));
-                                }
-                            }
-                        }
-                    }
-                }
+        if let Some(r) = self.rules.iter().filter(|r| r.layers.is_none()).nth(1) {
+            return Err(self.err(Some(r.span.clone()), "two rules apply to all layers; give layer selections like \"blk.0-3=\""));
+        }
+        let mut layers: Vec<(u32, u32, usize)> =
+            self.rules.iter().enumerate().flat_map(|(i, r)| r.layers.iter().flatten().map(move |&(lo, hi)| (lo, hi, i))).collect();
+        layers.sort_unstable();
+        // The highest end seen so far and its rule, and the highest end of any other rule: a
+        // range overlaps an earlier one of another rule exactly when it starts at or below that
+        // rule's highest end. Ranges of the same rule may overlap.
+        let mut top: Option<(u32, usize)> = None;
+        let mut other: Option<(u32, usize)> = None;
+        for &(lo, hi, r) in &layers {
+            let rival = match top {
+                Some((_, t)) if t == r => other,
+                _ => top,
+            };
+            if let Some((_, o)) = rival.filter(|&(end, _)| lo <= end) {
+                let later = &self.rules[r.max(o)];
+                return Err(self.err(Some(later.span.clone()), format!("layer {lo} is selected by two rules")));
             }
-            if let Body::Clauses(cl) = &r.body {
-                let rest: Vec<&Clause> = cl.iter().filter(|c| c.experts == Experts::Rest).collect();
-                if rest.len() > 1 {
-                    return Err(self.err(Some(rest[1].span.clone()), "more than one '*' clause in a rule"));
+            match top {
+                Some((end, t)) if t == r => top = Some((end.max(hi), r)),
+                Some((end, _)) if hi > end => {
+                    other = top;
+                    top = Some((hi, r));
+                }
+                Some(_) => {
+                    if other.is_none_or(|(end, _)| hi > end) {
+                        other = Some((hi, r));
+                    }
+                }
+                None => top = Some((hi, r)),
+            }
+        }
+        for r in &self.rules {
+            let Body::Clauses(cl) = &r.body else { continue };
+            let rest: Vec<&Clause> = cl.iter().filter(|c| c.experts == Experts::Rest).collect();
+            if rest.len() > 1 {
+                return Err(self.err(Some(rest[1].span.clone()), "more than one '*' clause in a rule"));
+            }
+            let mut ranges: Vec<(u32, u32, usize)> = cl
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| match c.experts {
+                    Experts::Range(lo, hi) => Some((lo, hi, i)),
+                    Experts::Rest => None,
+                })
+                .collect();
+            ranges.sort_unstable();
+            let mut top: Option<(u32, usize)> = None;
+            for &(lo, hi, i) in &ranges {
+                if let Some((_, t)) = top.filter(|&(end, _)| lo <= end) {
+                    let (first, second) = (&cl[i.min(t)], &cl[i.max(t)]);
+                    return Err(self.err(
+                        Some(second.span.clone()),
+                        format!(
+                            "expert {lo} is mapped twice, by \"{}\" and by \"{}\"",
+                            &self.text[first.span.clone()],
+                            &self.text[second.span.clone()]
+                        ),
+                    ));
+                }
+                if top.is_none_or(|(end, _)| hi > end) {
+                    top = Some((hi, i));
                 }
             }
         }
@@ -477,9 +548,27 @@ impl ExpertMap {
     }
 
     /// What the map asks for one expert tensor of `n_expert` experts. `tensor` names it in
-    /// errors (an expert beyond the model, mapped twice, or not at all).
+    /// errors (more experts than llama.cpp supports, an expert beyond the model, mapped twice,
+    /// or not at all). Allocates per expert, so `n_expert` is bounded by [`MAX_EXPERTS`] first.
     pub fn resolve(&self, layer: Option<u32>, n_expert: u32, tensor: &str) -> Result<Resolved, MapError> {
-        let Some(rule) = self.rule_for(layer) else { return Ok(Resolved::Off) };
+        check_expert_count(n_expert, tensor).map_err(|m| self.err(None, m))?;
+        match self.rule_for(layer) {
+            Some(rule) => self.resolve_rule(rule, n_expert, tensor),
+            None => Ok(Resolved::Off),
+        }
+    }
+
+    /// Checks every rule against a model whose expert tensors have `n_expert` experts (what
+    /// `numa-moe check-map --experts N` and `numa_moe_map_check` ask).
+    pub fn check_experts(&self, n_expert: u32) -> Result<(), MapError> {
+        check_expert_count(n_expert, "the model").map_err(|m| self.err(None, m))?;
+        for r in &self.rules {
+            self.resolve_rule(r, n_expert, "the model")?;
+        }
+        Ok(())
+    }
+
+    fn resolve_rule(&self, rule: &Rule, n_expert: u32, tensor: &str) -> Result<Resolved, MapError> {
         match &rule.body {
             Body::Policy { policy: Policy::Off, .. } => Ok(Resolved::Off),
             Body::Policy { policy, nodes, .. } => Ok(Resolved::Policy { policy: *policy, nodes: nodes.clone() }),
@@ -549,6 +638,23 @@ fn render_range(a: u32, b: u32) -> String {
 
 fn join(v: &[u32], sep: &str) -> String {
     v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(sep)
+}
+
+/// `n_expert` if a tensor may have that many experts (1 to [`MAX_EXPERTS`]), else why not.
+fn check_expert_count(n_expert: u32, tensor: &str) -> Result<(), String> {
+    if n_expert == 0 || n_expert > MAX_EXPERTS {
+        return Err(format!("{tensor} has {n_expert} experts; llama.cpp supports 1-{MAX_EXPERTS} (LLAMA_MAX_EXPERTS)"));
+    }
+    Ok(())
+}
+
+/// The first number listed a second time in `v`, with its span (sorts a copy: linear-ish in
+/// the list, whatever its length).
+fn first_repeat(v: &[(u32, Span)]) -> Option<(u32, Span)> {
+    let mut sorted: Vec<(u32, usize)> = v.iter().enumerate().map(|(i, (n, _))| (*n, i)).collect();
+    sorted.sort_unstable();
+    let second = sorted.windows(2).filter(|w| w[0].0 == w[1].0).map(|w| w[1].1).min()?;
+    Some(v[second].clone())
 }
 
 /// The layer number of a tensor named like "blk.12.ffn_up_exps.weight".
@@ -629,6 +735,52 @@ mod tests {
         assert!(e("blk.0-3=rows;blk.3-5=mirror").contains("layer 3 is selected by two rules"));
         assert!(e("rows;mirror").contains("two rules apply to all layers"));
         assert!(e("*:0,*:1").contains("more than one '*' clause"));
+        // overlapping experts are refused whatever the tensor, the later clause quoted
+        let err = e("0-7:0,5-9:1,*:0");
+        assert!(err.contains("expert 5 is mapped twice, by \"0-7:0\" and by \"5-9:1\" (at characters 7-11"), "{err}");
+        let err = e("20-30:1,0-3:0,3:1");
+        assert!(err.contains("expert 3 is mapped twice, by \"0-3:0\" and by \"3:1\""), "{err}");
+    }
+
+    #[test]
+    fn overlaps_are_found_by_interval_not_by_number() {
+        // ranges of one rule may overlap; those of two rules may not, wherever they sit
+        assert_eq!(p("blk.0-3,2-5=rows").render(), "blk.0-3,2-5=rows");
+        assert!(e("blk.0-10,2-20=rows;blk.15-16=off").contains("layer 15 is selected by two rules"));
+        assert!(e("blk.15-16=off;blk.0-10,2-20=rows").contains("layer 15 is selected by two rules"));
+        assert!(e("blk.0-5=rows;blk.7=off;blk.6,3=mirror").contains("layer 3 is selected by two rules"));
+        let far = "blk.4294967291=block;blk.0-4294967290=rows;blk.4294967292-4294967295=off";
+        let t0 = std::time::Instant::now();
+        let m = p(far);
+        assert_eq!(m.resolve(Some(4294967291), 8, "x").unwrap(), Resolved::Policy { policy: Policy::Block, nodes: None });
+        assert_eq!(m.resolve(Some(4294967290), 8, "x").unwrap(), Resolved::Policy { policy: Policy::Rows, nodes: None });
+        let err = e("blk.4294967291=block;blk.0-4294967291=rows");
+        assert!(err.contains("layer 4294967291 is selected by two rules") && err.contains("\"blk.0-4294967291=rows\""), "{err}");
+        assert!(t0.elapsed().as_millis() < 100, "{:?}", t0.elapsed());
+        // every node Linux can number, listed once each, and one listed twice
+        let nodes: Vec<String> = (0..1024).map(|n| n.to_string()).collect();
+        assert_eq!(p(&format!("rows@{}", nodes.join(","))).render(), format!("rows@{}", nodes.join(",")));
+        let err = e(&format!("0:{}+7", nodes.join("+")));
+        assert!(err.contains("node 7 is listed twice"), "{err}");
+        let err = e("0-7:0,8-15:1024");
+        assert!(err.contains("node 1024 is beyond the 1024 nodes Linux can number (0-1023) (at characters 12-15"), "{err}");
+        assert!(e("rows@0,4294967295").contains("node 4294967295 is beyond the 1024 nodes"));
+    }
+
+    #[test]
+    fn expert_numbers_and_counts_are_bounded() {
+        let err = e("0-7:0,8-1024:1");
+        assert!(
+            err.contains("expert 1024 is beyond the 1024 experts llama.cpp supports (0-1023) (at characters 7-12: \"8-1024\")"),
+            "{err}"
+        );
+        assert!(p("1023:0,*:1").resolve(Some(0), 1024, "x").is_ok());
+        let err = p("*:0").resolve(Some(0), 1025, "blk.0.ffn_up_exps.weight").unwrap_err().to_string();
+        assert!(err.contains("blk.0.ffn_up_exps.weight has 1025 experts; llama.cpp supports 1-1024"), "{err}");
+        assert!(p("rows").check_experts(u32::MAX).unwrap_err().to_string().contains("the model has 4294967295 experts"));
+        assert!(p("rows").check_experts(0).is_err());
+        let err = p("blk.0-3=0-3:0;blk.4-7=0-2:1").check_experts(4).unwrap_err().to_string();
+        assert!(err.contains("expert 3 is not mapped (the model has 4 experts)"), "{err}");
     }
 
     #[test]
@@ -655,8 +807,6 @@ mod tests {
         let t = "blk.0.ffn_up_exps.weight";
         let err = p("0-7:0,8-130:1").resolve(Some(0), 128, t).unwrap_err().to_string();
         assert!(err.contains("expert 128 is beyond the model: blk.0.ffn_up_exps.weight has 128 experts (0-127)"), "{err}");
-        let err = p("0-7:0,5-9:1,*:0").resolve(Some(0), 16, t).unwrap_err().to_string();
-        assert!(err.contains("expert 5 is mapped twice, by \"0-7:0\" and by \"5-9:1\""), "{err}");
         let err = p("0-7:0").resolve(Some(0), 16, t).unwrap_err().to_string();
         assert!(err.contains("experts 8-15 are not mapped"), "{err}");
         let err = p("0-14:0").resolve(Some(0), 16, t).unwrap_err().to_string();

@@ -11,10 +11,12 @@
 use std::fmt;
 use std::ops::Range;
 
-use crate::expert_map::{ExpertMap, MapError, Policy, Resolved};
+use crate::expert_map::{layer_of, ExpertMap, MapError, Policy, Resolved, MAX_EXPERTS, MAX_LAYERS};
 use crate::topology::{format_gib, Topology};
 
-/// One stacked expert tensor, as the planner needs to know it.
+/// One stacked expert tensor, as the planner needs to know it. [`stacked_expert`] makes them
+/// from a file's or ggml's view, with at most [`MAX_EXPERTS`] experts and a size that fits in
+/// 64 bits, so [`ExpertTensor::bytes`] does not overflow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertTensor {
     /// GGUF name, e.g. "blk.3.ffn_up_exps.weight".
@@ -39,6 +41,46 @@ impl ExpertTensor {
     pub fn bytes(&self) -> u64 {
         self.expert_bytes() * self.n_expert as u64
     }
+}
+
+/// The one rule for what a stacked expert tensor is, shared by the GGUF reader (what
+/// `numa-moe plan` reports) and the ggml buffer (what is placed at load), so that both agree:
+///
+/// - a packed tensor (rows and experts back to back, ggml's standard layout) of shape
+///   `ne = [cols, rows, n_expert, 1]` with `n_expert >= 2`, `rows >= 1` and rows of at least one
+///   byte is a stack: `Ok(Some(..))`;
+/// - anything else is not ours and passes through to llama.cpp: `Ok(None)`;
+/// - a stack llama.cpp could not load either is an error naming the tensor, never a smaller or
+///   wrapped-around one: more than [`MAX_EXPERTS`] experts, a block number of
+///   [`MAX_LAYERS`] or more, an unknown element type (`row_bytes` is `None`), or a size that
+///   does not fit in 64 bits.
+///
+/// `row_bytes` is the size of one row (ggml's nb[1]).
+pub fn stacked_expert(
+    name: &str,
+    type_name: &str,
+    ne: [u64; 4],
+    row_bytes: Option<u64>,
+    packed: bool,
+) -> Result<Option<ExpertTensor>, String> {
+    let [_, rows, n_expert, outer] = ne;
+    if !packed || outer != 1 || n_expert < 2 || rows < 1 || row_bytes == Some(0) {
+        return Ok(None);
+    }
+    let Some(row_bytes) = row_bytes else {
+        return Err(format!("tensor \"{name}\" has an unknown element type ({type_name}), so its size is unknown"));
+    };
+    if n_expert > MAX_EXPERTS as u64 {
+        return Err(format!("tensor \"{name}\" has {n_expert} experts (ne[2]); llama.cpp supports at most {MAX_EXPERTS}"));
+    }
+    let layer = layer_of(name);
+    if let Some(l) = layer.filter(|&l| l >= MAX_LAYERS) {
+        return Err(format!("tensor \"{name}\" is in layer {l}; llama.cpp supports at most {MAX_LAYERS} layers (0-{})", MAX_LAYERS - 1));
+    }
+    if rows.checked_mul(row_bytes).and_then(|b| b.checked_mul(n_expert)).is_none() {
+        return Err(format!("tensor \"{name}\": {n_expert} experts of {rows} rows of {row_bytes} bytes: its size overflows 64 bits"));
+    }
+    Ok(Some(ExpertTensor { name: name.to_string(), layer, type_name: type_name.to_string(), n_expert: n_expert as u32, rows, row_bytes }))
 }
 
 /// Where an extent's pages go.
@@ -287,6 +329,9 @@ pub fn plan_tensor(topo: &Topology, map: &ExpertMap, tensor: &ExpertTensor, opts
     }
 }
 
+/// Rows of one expert per node: what [`Planner::split_rows`] returns.
+type RowSplit = Vec<(u32, Range<u64>)>;
+
 struct Planner<'a> {
     topo: &'a Topology,
     tensor: &'a ExpertTensor,
@@ -324,7 +369,7 @@ impl Planner<'_> {
     /// (largest remainder, so ties favour earlier nodes); the rows past the last whole unit go
     /// to the last node, which gets the smaller share on a tie. Nodes of equal weight thus
     /// differ by at most one unit.
-    fn split_rows(&self, nodes: &[u32]) -> Vec<(u32, Range<u64>)> {
+    fn split_rows(&self, nodes: &[u32]) -> RowSplit {
         let rows = self.tensor.rows;
         let unit = self.row_unit(nodes.len());
         let counts = apportion(rows / unit, &self.weights(nodes));
@@ -360,7 +405,7 @@ impl Planner<'_> {
             extents.push(Extent { offset, len, binding: Binding::Node(node) });
         };
         // Row splits depend only on the holder set; compute each distinct one once.
-        let mut splits: Vec<(Vec<u32>, Vec<(u32, Range<u64>)>)> = Vec::new();
+        let mut splits: Vec<(Vec<u32>, RowSplit)> = Vec::new();
         for (e, nodes) in holders.iter().enumerate() {
             let base = e as u64 * eb;
             if nodes.len() == 1 {
@@ -515,6 +560,32 @@ mod tests {
 
     fn plan(topo: &Topology, map: &str, t: &ExpertTensor) -> TensorPlan {
         plan_tensor(topo, &ExpertMap::parse(map).unwrap(), t, &PlanOptions::default()).unwrap().unwrap()
+    }
+
+    #[test]
+    fn one_rule_says_what_a_stacked_expert_tensor_is() {
+        let name = "blk.3.ffn_down_exps.weight";
+        let stack = |ne: [u64; 4], row_bytes: Option<u64>, packed: bool| stacked_expert(name, "q8_0", ne, row_bytes, packed);
+        let t = stack([2048, 768, 128, 1], Some(2176), true).unwrap().unwrap();
+        assert_eq!((t.layer, t.n_expert, t.rows, t.row_bytes, t.bytes()), (Some(3), 128, 768, 2176, 128 * 768 * 2176));
+        // not stacks: left to llama.cpp
+        for (ne, rb, packed) in [
+            ([2048, 768, 128, 1], Some(2176), false),
+            ([2048, 768, 1, 1], Some(2176), true),
+            ([2048, 768, 128, 2], Some(2176), true),
+            ([2048, 0, 128, 1], Some(2176), true),
+            ([0, 768, 128, 1], Some(0), true),
+        ] {
+            assert_eq!(stack(ne, rb, packed), Ok(None), "{ne:?}");
+        }
+        // stacks llama.cpp could not load: errors that name the tensor
+        let err = stack([2048, 768, 4_000_000_000, 1], Some(2176), true).unwrap_err();
+        assert_eq!(err, "tensor \"blk.3.ffn_down_exps.weight\" has 4000000000 experts (ne[2]); llama.cpp supports at most 1024");
+        let err = stack([2048, 1 << 40, 1024, 1], Some(1 << 20), true).unwrap_err();
+        assert!(err.contains("1024 experts of 1099511627776 rows of 1048576 bytes: its size overflows 64 bits"), "{err}");
+        assert!(stack([2048, 768, 8, 1], None, true).unwrap_err().contains("unknown element type (q8_0)"));
+        let err = stacked_expert("blk.4294967295.ffn_up_exps.weight", "f32", [4, 4, 4, 1], Some(16), true).unwrap_err();
+        assert!(err.contains("is in layer 4294967295; llama.cpp supports at most 512 layers"), "{err}");
     }
 
     #[test]

@@ -127,3 +127,118 @@ fn verify_a_process_without_placed_memory() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("numa-moe placed nothing"), "{out}");
 }
+
+/// Writes `bytes` as a fresh file in the temp dir and returns its path.
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("numa-moe-cli-{}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// The tool's result and how long it ran.
+fn timed(args: &[&str]) -> (i32, String, String, std::time::Duration) {
+    let t0 = std::time::Instant::now();
+    let (code, out, err) = tool(args);
+    (code, out, err, t0.elapsed())
+}
+
+const TWO_NODES: &str = "package:2 numa:1 core:2 pu:1";
+
+#[test]
+fn plan_rejects_nested_arrays_without_recursing() {
+    // one key whose value is an array of arrays ... a million deep (12 bytes a level)
+    let depth = 1_000_000;
+    let mut b = Vec::with_capacity(64 + 12 * depth);
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes()); // tensors
+    b.extend_from_slice(&1u64.to_le_bytes()); // keys
+    b.extend_from_slice(&5u64.to_le_bytes());
+    b.extend_from_slice(b"deep.");
+    b.extend_from_slice(&9u32.to_le_bytes());
+    for _ in 0..depth {
+        b.extend_from_slice(&9u32.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+    }
+    b.extend_from_slice(&4u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    let model = temp_file("nested.gguf", &b);
+    let (code, _, err, took) = timed(&["plan", "--model", model.to_str().unwrap(), "--topology", TWO_NODES]);
+    std::fs::remove_file(&model).unwrap();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("key \"deep.\"") && err.contains("array of arrays"), "{err}");
+    assert!(took.as_secs_f64() < 5.0, "{took:?}");
+}
+
+#[test]
+fn plan_rejects_more_experts_than_llama_cpp_supports() {
+    let model = temp_file("many-experts.gguf", &write_table_only(&[("blk.0.ffn_up_exps.weight", &[256, 4, 4_000_000_000], 0)]));
+    let (code, _, err) = tool(&["plan", "--model", model.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("tensor \"blk.0.ffn_up_exps.weight\" has 4000000000 experts") && err.contains("at most 1024"), "{err}");
+    // ne[2] = 2^32 + 2 must not be read as 2 experts
+    let model = temp_file("wrapped-experts.gguf", &write_table_only(&[("blk.0.ffn_up_exps.weight", &[256, 4, (1 << 32) + 2], 0)]));
+    let (code, _, err) = tool(&["plan", "--model", model.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("has 4294967298 experts"), "{err}");
+}
+
+#[test]
+fn plan_rejects_a_tensor_whose_size_overflows() {
+    // 2^33 f32 columns (2^35 bytes a row) x 2^29 rows x 2 experts: 2^65 bytes, which wraps to 0
+    let model = temp_file("wrapping.gguf", &write_table_only(&[("blk.7.ffn_down_exps.weight", &[1 << 33, 1 << 29, 2], 0)]));
+    let (code, out, err) = tool(&["plan", "--model", model.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("tensor \"blk.7.ffn_down_exps.weight\"") && err.contains("overflows"), "{err}");
+}
+
+#[test]
+fn check_map_bounds_the_expert_count() {
+    let (code, _, err) = tool(&["check-map", "*:0", "--experts", "4294967295", "--topology", TWO_NODES]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--experts 4294967295") && err.contains("1-1024"), "{err}");
+    let (code, _, err) = tool(&["check-map", "*:0", "--experts", "0", "--topology", TWO_NODES]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--experts 0"), "{err}");
+    let (code, out, err) = tool(&["check-map", "*:0", "--experts", "1024", "--topology", TWO_NODES]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "ok: *:0");
+    let (code, _, err) = tool(&["check-map", "0-4999:0", "--topology", TWO_NODES]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("expert 4999 is beyond the 1024 experts") && err.contains("characters 1-6"), "{err}");
+}
+
+#[test]
+fn check_map_with_huge_layer_numbers_is_quick() {
+    for map in ["blk.0-4294967290=rows;blk.4294967291=block", "blk.4294967291=block;blk.0-4294967290=rows"] {
+        let (code, out, err, took) = timed(&["check-map", map, "--experts", "8", "--topology", TWO_NODES]);
+        assert_eq!(code, 0, "{map}: {err}");
+        assert_eq!(out.trim(), format!("ok: {map}"));
+        assert!(took.as_secs_f64() < 2.0, "{map}: {took:?}");
+    }
+    let (code, _, err, took) =
+        timed(&["check-map", "blk.4294967295=off;blk.0-4294967290,4294967292-4294967295=rows", "--topology", TWO_NODES]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("layer 4294967295 is selected by two rules"), "{err}");
+    assert!(took.as_secs_f64() < 2.0, "{took:?}");
+}
+
+#[test]
+fn cli_numbers_are_checked() {
+    let model = qwen3_like(1);
+    let m = model.to_str().unwrap();
+    for threads in ["18446744073709551615", "4294967296", "513", "0"] {
+        let (code, _, err) = tool(&["plan", "--model", m, "--threads", threads, "--topology", TWO_NODES]);
+        assert_eq!(code, 1, "--threads {threads}: {err}");
+        assert!(err.contains(&format!("--threads {threads} is out of range (1-512)")), "{err}");
+    }
+    let (code, _, err) = tool(&["plan", "--model", m, "--threads", "-3", "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--threads -3 is not a number"), "{err}");
+    let (code, out, err) = tool(&["plan", "--model", m, "--threads", "512", "--topology", TWO_NODES]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("threads: 512"), "{out}");
+    let (code, _, err) = tool(&["verify", "--pid", "../../etc"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--pid ../../etc is not a process id"), "{err}");
+}

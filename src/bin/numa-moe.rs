@@ -10,10 +10,11 @@
 //! hwloc XML file; it defaults to NUMA_MOE_TOPOLOGY, else this machine.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use numa_moe::expert_map::ExpertMap;
+use numa_moe::expert_map::{ExpertMap, MAX_EXPERTS};
 use numa_moe::gguf::GgufFile;
 use numa_moe::json;
 use numa_moe::memory::parse_numa_maps;
@@ -30,6 +31,9 @@ const USAGE: &str = "usage:
 SPEC: \"host\", an hwloc synthetic description such as \"package:2 numa:4 core:8 pu:2\",
 or an hwloc XML file (default: NUMA_MOE_TOPOLOGY, else this machine).
 MAP: see docs/EXPERT_MAP.md (e.g. rows, block, mirror, \"0-7:0,8-15:1\").";
+
+/// Most threads a plan may lay out: ggml's GGML_MAX_N_THREADS (ggml.h of the pinned llama.cpp).
+const MAX_THREADS: usize = 512;
 
 struct Args {
     positional: Vec<String>,
@@ -78,6 +82,22 @@ impl Args {
         self.flags.iter().any(|f| f == "json")
     }
 
+    /// The number given as `--name`, if any, checked against `range`.
+    fn number<T>(&self, name: &str, range: std::ops::RangeInclusive<T>) -> Result<Option<T>, String>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display,
+    {
+        let Some(text) = self.options.get(name) else { return Ok(None) };
+        // a number too large for T is out of range, not "not a number"
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            return match text.parse::<T>() {
+                Ok(v) if range.contains(&v) => Ok(Some(v)),
+                _ => Err(format!("--{name} {text} is out of range ({}-{})", range.start(), range.end())),
+            };
+        }
+        Err(format!("--{name} {text} is not a number"))
+    }
+
     fn topology(&self) -> Result<Topology, String> {
         match self.options.get("topology") {
             Some(spec) => Topology::from_spec(spec),
@@ -104,11 +124,8 @@ fn cmd_check_map(a: &Args) -> Result<(), String> {
     let t = a.topology()?;
     let map = ExpertMap::parse(text).map_err(|e| e.to_string())?;
     map.check_nodes(&t).map_err(|e| e.to_string())?;
-    if let Some(n) = a.options.get("experts") {
-        let n: u32 = n.parse().map_err(|_| format!("--experts {n} is not a number"))?;
-        for r in &map.rules {
-            map.resolve(r.layers.as_ref().map(|l| l[0].0), n, "the model").map_err(|e| e.to_string())?;
-        }
+    if let Some(n) = a.number("experts", 1..=MAX_EXPERTS)? {
+        map.check_experts(n).map_err(|e| e.to_string())?;
     }
     println!("ok: {}", map.render());
     Ok(())
@@ -132,13 +149,13 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
     let map = ExpertMap::parse(map_text).map_err(|e| e.to_string())?;
     map.check_nodes(&topo).map_err(|e| e.to_string())?;
     let gguf = GgufFile::open(&model).map_err(|e| e.to_string())?;
-    let experts = gguf.expert_tensors();
+    let experts = gguf.expert_tensors().map_err(|e| format!("{}: {e}", model.display()))?;
     if experts.is_empty() {
         return Err(format!("{} has no stacked expert tensors (not a Mixture-of-Experts model?)", model.display()));
     }
-    let threads: usize = match a.options.get("threads") {
-        Some(t) => t.parse().map_err(|_| format!("--threads {t} is not a number"))?,
-        None => topo.cpu_count().max(1),
+    let threads: usize = match a.number("threads", 1..=MAX_THREADS)? {
+        Some(t) => t,
+        None => topo.cpu_count().clamp(1, MAX_THREADS),
     };
     let opts = PlanOptions { page_size: 4096, by_cores: true };
     let mut plans: Vec<TensorPlan> = Vec::new();
@@ -190,6 +207,8 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
     if stock > 0 {
         warnings.push(format!("{} of expert tensors stay on llama.cpp's own path (map \"off\" for their layers)", format_gib(stock)));
     }
+    // each tensor's size fits in 64 bits (the reader checks), and so does their sum: the
+    // reader checks that the data section's offsets do not overflow
     let total: u64 = experts.iter().map(|t| t.bytes()).sum();
     if a.json() {
         let nodes: Vec<String> = rows
@@ -256,6 +275,9 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
 fn cmd_verify(a: &Args) -> Result<(), String> {
     a.check(&["json"], &["pid"], 0)?;
     let pid = a.options.get("pid").ok_or("verify needs --pid PID")?;
+    if pid != "self" && !pid.parse::<u32>().is_ok_and(|p| p > 0) {
+        return Err(format!("--pid {pid} is not a process id (a positive number, or self)"));
+    }
     let path = format!("/proc/{pid}/numa_maps");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let entries = parse_numa_maps(&text);

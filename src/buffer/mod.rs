@@ -22,7 +22,6 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::{OnError, Runtime};
-use crate::expert_map::layer_of;
 use crate::memory::{self, PageReport, Region};
 use crate::placement::{self, Binding, ExpertTensor, Piece, PlanOptions, TensorPlan};
 use crate::topology::format_gib;
@@ -49,17 +48,9 @@ pub struct TensorInfo {
 impl TensorInfo {
     /// The planner's description, if this is a stacked expert tensor numa-moe can place.
     pub fn expert_tensor(&self) -> Option<ExpertTensor> {
-        if self.ne[3] != 1 || self.ne[2] < 2 || self.ne[1] < 1 || !self.packed {
-            return None;
-        }
-        Some(ExpertTensor {
-            name: self.name.clone(),
-            layer: layer_of(&self.name),
-            type_name: self.type_name.clone(),
-            n_expert: self.ne[2] as u32,
-            rows: self.ne[1] as u64,
-            row_bytes: self.nb[1] as u64,
-        })
+        // one rule with `numa-moe plan`; a stack llama.cpp could not load stays on its path
+        let ne = self.ne.map(|n| u64::try_from(n).unwrap_or(0));
+        placement::stacked_expert(&self.name, &self.type_name, ne, Some(self.nb[1] as u64), self.packed).ok().flatten()
     }
 }
 

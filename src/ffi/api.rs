@@ -5,7 +5,7 @@ use std::ffi::c_char;
 
 use super::{arg_out, arg_str, boundary, copy_out, Fail, NumaMoeResult};
 use crate::config::{runtime, OnError};
-use crate::expert_map::ExpertMap;
+use crate::expert_map::{ExpertMap, MAX_EXPERTS};
 
 /// Most nodes a NumaMoePageReport or NumaMoeNodeInfo can describe.
 pub const NUMA_MOE_MAX_NODES: usize = 64;
@@ -132,7 +132,8 @@ pub unsafe extern "C" fn numa_moe_last_error(buf: *mut c_char, len: usize) -> us
 
 /// Checks a `--numa-expert-map` value: its syntax, and that every node it names exists on
 /// this machine, has memory and is allowed. With `n_expert` > 0 it also checks the experts
-/// against a tensor of that many experts (beyond the model, mapped twice, not mapped).
+/// against a tensor of that many experts (beyond the model, mapped twice, not mapped);
+/// `n_expert` above 1024 (llama.cpp's LLAMA_MAX_EXPERTS) is NUMA_MOE_RESULT_INVALID_ARGUMENT.
 ///
 /// # Safety
 /// `map` must be NULL or a NUL-terminated string.
@@ -141,13 +142,16 @@ pub unsafe extern "C" fn numa_moe_map_check(map: *const c_char, n_expert: u32) -
     boundary("numa_moe_map_check", || {
         // SAFETY: forwarded from this function's contract.
         let text = unsafe { arg_str(map, "map") }?;
+        if n_expert > MAX_EXPERTS {
+            return Err(Fail::new(
+                NumaMoeResult::InvalidArgument,
+                format!("n_expert {n_expert} is out of range: llama.cpp supports 1-{MAX_EXPERTS} experts (LLAMA_MAX_EXPERTS)"),
+            ));
+        }
         let m = ExpertMap::parse(text).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
         m.check_nodes(&rt()?.topology).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
         if n_expert > 0 {
-            for r in &m.rules {
-                let layer = r.layers.as_ref().map(|l| l[0].0);
-                m.resolve(layer, n_expert, "the model").map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
-            }
+            m.check_experts(n_expert).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
         }
         Ok(())
     })
