@@ -28,6 +28,12 @@ pub(crate) const MAX_NODES: u64 = 1024;
 /// twice that leaves room): hwloc builds every object of a description, so a description of
 /// millions of PUs would stall it.
 pub(crate) const MAX_PUS: u64 = 16384;
+/// How much work a synthetic description may ask of hwloc, in bitmap words compared. hwloc
+/// inserts each object by comparing its cpuset with every sibling's, so a level of n objects
+/// under one parent costs n^2 comparisons of (CPUs / 64) words: "core:16384 pu:1" took five
+/// minutes. 64M words take about half a second; an 8-socket machine with 3 nodes per socket
+/// and 120 threads each asks for 4M.
+pub(crate) const MAX_HWLOC_WORK: u64 = 64 << 20;
 /// Largest hwloc XML file read: a real 8-socket machine's XML is well under 1 MiB.
 pub(crate) const MAX_XML_BYTES: u64 = 16 << 20;
 /// Largest CPU or node number accepted in a kernel list ("0-3,8"): lists are expanded, so an
@@ -248,7 +254,7 @@ impl Topology {
     /// and the machine's memory, marked [`Source::Undetected`] so nothing is bound or placed.
     pub fn undetected(reason: &str) -> Self {
         let cpus = crate::sys::thread_affinity().unwrap_or_default().into_iter().map(|os| Cpu { os, core: os, smt: 0 }).collect();
-        let total = fs::read_to_string("/proc/meminfo").ok().and_then(|m| meminfo_kib(&format!(" {m}"), "MemTotal")).unwrap_or(0) << 10;
+        let total = fs::read_to_string("/proc/meminfo").ok().and_then(|m| meminfo_kib(&m, "MemTotal")).unwrap_or(0) << 10;
         let node = NumaNode { id: 0, cpus, total_bytes: total, free_bytes: None, mem_allowed: true };
         Topology { nodes: vec![node], distances: vec![10], source: Source::Undetected(reason.to_string()) }
     }
@@ -397,7 +403,7 @@ impl Topology {
     }
 
     pub fn node(&self, id: u32) -> Option<&NumaNode> {
-        self.nodes.iter().find(|n| n.id == id)
+        self.index(id).map(|i| &self.nodes[i])
     }
 
     pub fn node_ids(&self) -> Vec<u32> {
@@ -414,7 +420,8 @@ impl Topology {
     }
 
     fn index(&self, id: u32) -> Option<usize> {
-        self.nodes.iter().position(|n| n.id == id)
+        // nodes are sorted by id (from_parts)
+        self.nodes.binary_search_by_key(&id, |n| n.id).ok()
     }
 
     /// SLIT-style distance from node `a` to node `b` (10 = local).
@@ -582,9 +589,12 @@ pub fn check_synthetic_size(desc: &str) -> Result<(), TopologyError> {
         levels.push(cur);
     }
     let (mut objects, mut numa, mut saw_numa) = (1u64, 0u64, false);
+    // sibling comparisons: objects at a level times their siblings; the widest level names it
+    let (mut pairs, mut widest) = (0u64, (0u64, ""));
     for level in &levels {
         if level.starts_with('[') {
             numa = numa.saturating_add(objects);
+            pairs = pairs.saturating_add(objects);
             saw_numa = true;
             continue;
         }
@@ -597,6 +607,10 @@ pub fn check_synthetic_size(desc: &str) -> Result<(), TopologyError> {
             continue;
         };
         objects = objects.saturating_mul(arity);
+        pairs = pairs.saturating_add(objects.saturating_mul(arity));
+        if arity > widest.0 {
+            widest = (arity, level.as_str());
+        }
         let ty = ty.to_ascii_lowercase();
         if ty.starts_with("numa") || ty == "node" {
             numa = numa.saturating_add(objects);
@@ -611,6 +625,14 @@ pub fn check_synthetic_size(desc: &str) -> Result<(), TopologyError> {
     }
     if objects > MAX_PUS {
         return err(format!("hwloc synthetic topology {desc:?} describes {objects} CPUs; at most {MAX_PUS} are supported"));
+    }
+    if pairs.saturating_mul(objects / 64 + 1) > MAX_HWLOC_WORK {
+        return err(format!(
+            "hwloc synthetic topology {desc:?} is too wide for hwloc to build quickly (it compares every object with its siblings, \
+             and the level {:?} puts {} objects under one parent); describe fewer objects per level, e.g. more packages or nodes \
+             with fewer cores each",
+            widest.1, widest.0
+        ));
     }
     Ok(())
 }
@@ -966,11 +988,23 @@ mod tests {
         let e = Topology::from_synthetic("pack:65536 [numa] core:1 pu:1").unwrap_err();
         assert!(e.0.contains("65536 NUMA nodes"), "{e}");
         assert!(start.elapsed().as_millis() < 100, "refused in {:?}", start.elapsed());
-        // the largest machines allowed still build, and quickly
-        let start = std::time::Instant::now();
-        let t = Topology::from_synthetic("package:8 numa:128 core:16 pu:1").unwrap();
-        assert_eq!((t.nodes().len(), t.cpu_count()), (1024, 16384));
-        assert!(start.elapsed().as_secs() < 5, "built in {:?}", start.elapsed());
+        // flat levels make hwloc quadratic: refused before it starts (this took five minutes)
+        let e = Topology::from_synthetic("core:16384 pu:1").unwrap_err();
+        assert!(e.0.contains("too wide for hwloc to build quickly") && e.0.contains("\"core:16384\" puts 16384 objects"), "{e}");
+        assert!(Topology::from_synthetic("numa:1024 pu:16").unwrap_err().0.contains("\"numa:1024\""));
+        assert!(start.elapsed().as_millis() < 100, "refused in {:?}", start.elapsed());
+        // the largest machines allowed still build, and quickly: 1024 nodes, 16384 CPUs, and
+        // an 8-socket machine with sub-NUMA clustering
+        for (desc, nodes, cpus) in [
+            ("package:8 numa:128 core:2 pu:1", 1024, 2048),
+            ("package:32 numa:8 core:16 pu:4", 256, 16384),
+            ("package:8 numa:3 core:60 pu:2", 24, 2880),
+        ] {
+            let start = std::time::Instant::now();
+            let t = Topology::from_synthetic(desc).unwrap();
+            assert_eq!((t.nodes().len(), t.cpu_count()), (nodes, cpus), "{desc}");
+            assert!(start.elapsed().as_secs() < 5, "{desc} built in {:?}", start.elapsed());
+        }
     }
 
     #[test]
