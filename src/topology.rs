@@ -61,7 +61,7 @@ pub struct NumaNode {
     /// Memory on the node in bytes; 0 for a memory-less node.
     pub total_bytes: u64,
     /// Memory free or reclaimable when the topology was read, where known (the host; not
-    /// synthetic machines): MemFree + Inactive(file), see [`node_free_from_meminfo`]. The
+    /// synthetic machines): MemFree + unmapped page cache, see [`node_free_from_meminfo`]. The
     /// budget reads it again whenever it checks ([`MemorySources`]).
     pub free_bytes: Option<u64>,
     /// Whether the process may allocate on this node (cpuset.mems, numactl --membind).
@@ -541,18 +541,23 @@ fn hwloc_distances(topo: &HwlocTopology, nodes: &[NumaNode]) -> Option<Vec<Vec<u
 /// Where the kernel describes NUMA nodes.
 pub const SYSFS_NODES: &str = "/sys/devices/system/node";
 
-/// Bytes a node can give now, from its sysfs meminfo text: MemFree + Inactive(file).
+/// Bytes a node can give now, from its sysfs meminfo text: MemFree plus the page cache no
+/// process has mapped (Active(file) + Inactive(file) - Mapped).
 ///
-/// Free pages are free; inactive file pages (page cache not used recently, clean or soon
-/// written back) are what the kernel reclaims first and cheaply, so an allocation bound to the
-/// node gets them without swapping. Active file pages, shmem and anonymous memory are not
-/// counted: reclaiming them means thrashing the page cache others use, or swapping, and with
-/// MPOL_BIND a node that cannot reclaim enough ends in the OOM killer. Conservative on purpose.
-/// `None` when the text lacks MemFree.
+/// Such cache is clean or under writeback, and the kernel drops it under pressure without
+/// swapping, so an allocation bound to the node gets it. Counting only Inactive(file) would
+/// be safer still but wrong on the commonest path: when a model runs a second time its file is
+/// still cached, mostly on the active list, and the node would look full when it is not.
+/// Not counted: shmem/tmpfs and anonymous memory (swap-backed: reclaiming them means swapping,
+/// and without swap MPOL_BIND on a node that cannot reclaim ends in the OOM killer), file pages
+/// mapped by running processes (executables, another process's model), unevictable pages and
+/// kernel memory. (FilePages - Shmem, the figure before, counted mapped and unevictable file
+/// pages too.) `None` when the text lacks MemFree.
 pub fn node_free_from_meminfo(meminfo: &str) -> Option<u64> {
     let free = meminfo_kib(meminfo, "MemFree")?;
-    let inactive_file = meminfo_kib(meminfo, "Inactive(file)").unwrap_or(0);
-    Some(free.saturating_add(inactive_file).saturating_mul(1024))
+    let kib = |k: &str| meminfo_kib(meminfo, k).unwrap_or(0);
+    let cache = kib("Active(file)").saturating_add(kib("Inactive(file)")).saturating_sub(kib("Mapped"));
+    Some(free.saturating_add(cache).saturating_mul(1024))
 }
 
 /// The nodes in `Mems_allowed_list` of /proc/self/status text (what cpusets and
@@ -729,10 +734,11 @@ pub fn cgroup_memory_dirs(proc_cgroup: &str, fs_root: &Path) -> Vec<(PathBuf, bo
 }
 
 /// Bytes a cgroup still allows: its limit (`memory.max` / `memory.limit_in_bytes` text) minus
-/// its usage (`memory.current` / `memory.usage_in_bytes`), plus the inactive file pages in its
-/// `memory.stat` (counted in the usage, and reclaimed first when the cgroup reaches its limit:
-/// the same choice as for a node, [`node_free_from_meminfo`]). `None` for no limit ("max", or
-/// v1's huge "unlimited" number) or unreadable text.
+/// its usage (`memory.current` / `memory.usage_in_bytes`), plus the unmapped page cache in its
+/// `memory.stat` (active_file + inactive_file - file_mapped: counted in the usage, and
+/// reclaimed when the cgroup reaches its limit; the same choice as for a node,
+/// [`node_free_from_meminfo`]). `None` for no limit ("max", or v1's huge "unlimited" number)
+/// or unreadable text.
 pub fn cgroup_headroom_from(limit: &str, usage: &str, stat: &str) -> Option<u64> {
     let limit = limit.trim();
     if limit == "max" {
@@ -749,8 +755,13 @@ pub fn cgroup_headroom_from(limit: &str, usage: &str, stat: &str) -> Option<u64>
             (k == key).then(|| v.trim().parse::<u64>().ok()).flatten()
         })
     };
-    let inactive_file = stat_value("total_inactive_file").or_else(|| stat_value("inactive_file")).unwrap_or(0).min(usage);
-    Some(limit.saturating_sub(usage - inactive_file))
+    // v1 gives the hierarchical figures as total_*; v2 names them plainly
+    let value = |v1: &str, v2: &str| stat_value(v1).or_else(|| stat_value(v2)).unwrap_or(0);
+    let cache = value("total_active_file", "active_file")
+        .saturating_add(value("total_inactive_file", "inactive_file"))
+        .saturating_sub(value("total_mapped_file", "file_mapped"))
+        .min(usage);
+    Some(limit.saturating_sub(usage - cache))
 }
 
 /// Parses a kernel CPU or node list such as "0-3,8,10-11"; `None` when malformed or when a
@@ -911,8 +922,9 @@ mod tests {
     fn sysfs_adds_nodes_free_memory_and_distances() {
         let meminfo = |n: u32, free: u64, inactive: u64| {
             format!(
-                "Node {n} MemTotal:  8000000 kB\nNode {n} MemFree:  {free} kB\nNode {n} Active(file):  999999 kB\n\
-                 Node {n} Inactive(file):  {inactive} kB\nNode {n} FilePages:  5000000 kB\nNode {n} Shmem:  10 kB\n"
+                "Node {n} MemTotal:  8000000 kB\nNode {n} MemFree:  {free} kB\nNode {n} Active(file):  300 kB\n\
+                 Node {n} Inactive(file):  {inactive} kB\nNode {n} Mapped:  300 kB\nNode {n} FilePages:  5000000 kB\n\
+                 Node {n} Shmem:  10 kB\n"
             )
         };
         let (m0, m1) = (meminfo(0, 1000, 500), meminfo(1, 2000, 0));
@@ -933,7 +945,7 @@ mod tests {
         let mut t = Topology::from_synthetic("package:2 numa:1 core:2 pu:1").unwrap();
         t.overlay_sysfs(&root);
         assert_eq!(t.node_ids(), vec![0, 1, 2]);
-        // MemFree + Inactive(file): neither active file pages nor all of FilePages
+        // MemFree + unmapped page cache, not all of FilePages
         assert_eq!(t.node(0).unwrap().free_bytes, Some(1500 << 10));
         assert_eq!(t.node(1).unwrap().free_bytes, Some(2000 << 10));
         assert_eq!(t.node(1).unwrap().total_bytes, 8000000 << 10);
@@ -950,8 +962,11 @@ mod tests {
 
     #[test]
     fn free_memory_is_memfree_plus_inactive_file() {
-        let proc_meminfo = "MemTotal: 100 kB\nMemFree: 40 kB\nActive(file): 30 kB\nInactive(file): 20 kB\n";
-        assert_eq!(node_free_from_meminfo(proc_meminfo), Some(60 << 10));
+        // a warm page cache (a model's second run) is mostly active: it counts unless mapped
+        let proc_meminfo = "MemTotal: 100 kB\nMemFree: 40 kB\nActive(file): 30 kB\nInactive(file): 20 kB\nMapped: 15 kB\n\
+                            FilePages: 60 kB\nShmem: 5 kB\nUnevictable: 5 kB\n";
+        assert_eq!(node_free_from_meminfo(proc_meminfo), Some(75 << 10));
+        assert_eq!(node_free_from_meminfo("MemFree: 40 kB\nActive(file): 3 kB\nMapped: 50 kB\n"), Some(40 << 10));
         assert_eq!(node_free_from_meminfo("Node 3 MemFree: 7 kB\n"), Some(7 << 10));
         assert_eq!(node_free_from_meminfo("Node 3 MemTotal: 7 kB\n"), None);
     }
@@ -1030,12 +1045,12 @@ mod tests {
 
     #[test]
     fn cgroup_limits_cap_the_headroom() {
-        // v2: limit minus usage, plus inactive file pages; "max" is no limit
-        assert_eq!(cgroup_headroom_from("1000\n", "600\n", "anon 500\ninactive_file 50\nactive_file 50\n"), Some(450));
+        // v2: limit minus usage, plus unmapped page cache; "max" is no limit
+        assert_eq!(cgroup_headroom_from("1000\n", "600\n", "anon 500\nfile_mapped 30\ninactive_file 50\nactive_file 50\n"), Some(470));
         assert_eq!(cgroup_headroom_from("max\n", "600\n", ""), None);
         assert_eq!(cgroup_headroom_from("500\n", "600\n", ""), Some(0));
         // v1: the hierarchical figure first; the unlimited value is no limit
-        assert_eq!(cgroup_headroom_from("1000", "900", "inactive_file 10\ntotal_inactive_file 300\n"), Some(400));
+        assert_eq!(cgroup_headroom_from("1000", "900", "inactive_file 10\ntotal_inactive_file 300\ntotal_mapped_file 100\n"), Some(300));
         assert_eq!(cgroup_headroom_from("9223372036854771712", "900", ""), None);
         assert_eq!(cgroup_headroom_from("garbage", "900", ""), None);
 
