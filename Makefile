@@ -55,7 +55,12 @@ $(ROOT)/build/c/harness: tests/c/harness.c include/numa_moe.h lib llama
 	    -L$(ROOT)/target/release -lnuma_moe -L$(LLAMA_BIN) -lggml-base -lggml-cpu -lggml \
 	    -Wl,-rpath,$(ROOT)/target/release:$(LLAMA_BIN) -lm
 
-harness: $(ROOT)/build/c/harness
+# fails chosen NUMA syscalls with a chosen errno (NUMA_MOE_FAULT), for the harness's fault tests
+$(ROOT)/build/c/fault_shim.so: tests/c/fault_shim.c
+	@mkdir -p build/c
+	$(CC) $(CFLAGS_T) -shared -fPIC $< -o $@ -ldl
+
+harness: $(ROOT)/build/c/harness $(ROOT)/build/c/fault_shim.so
 
 # the end-to-end driver: greedy tokens and logits hashes through llama.cpp's C API
 $(ROOT)/build/greedy: tests/e2e/greedy.c llama

@@ -39,6 +39,39 @@ suite_c() {
     NUMA_MOE_FORCE_BIND=1 NUMA_MOE_TOPOLOGY="package:2 numa:1 core:1 pu:1" "$HARNESS" buffer_bind 2>>"$LOGS/harness-bind.err" \
         | tee "$LOGS/harness-bind.log" | grep -E "^FAIL|passed|skipped" || true
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    # environment faults (docs/DESIGN.md, "Environment faults"): each NUMA syscall refused with
+    # EPERM (a container's seccomp profile) and ENOSYS (a kernel without NUMA) through an
+    # LD_PRELOAD shim, alone and all together; binding refused on a described 2-node machine
+    # too, where replicas must not add a second warning
+    local shim=$root/build/c/fault_shim.so
+    local faults=(mbind=EPERM mbind=ENOSYS move_pages=EPERM move_pages=ENOSYS get_mempolicy=EPERM get_mempolicy=ENOSYS
+        set_mempolicy=EPERM set_mempolicy=ENOSYS mbind=EPERM,move_pages=EPERM,get_mempolicy=EPERM,set_mempolicy=EPERM)
+    : >"$LOGS/harness-fault.log"
+    for fault in "${faults[@]}"; do
+        echo "C harness, kernel refuses $fault (tests/c/fault_shim.c):"
+        LD_PRELOAD=$shim NUMA_MOE_FAULT=$fault "$HARNESS" fault_syscalls 2>>"$LOGS/harness-fault.err" \
+            | tee -a "$LOGS/harness-fault.log" | grep -E "^FAIL|passed" || true
+        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    done
+    for fault in mbind=EPERM mbind=ENOSYS; do
+        echo "C harness, kernel refuses $fault, binding forced on a described 2-node machine:"
+        LD_PRELOAD=$shim NUMA_MOE_FAULT=$fault NUMA_MOE_FORCE_BIND=1 NUMA_MOE_TOPOLOGY="package:2 numa:1 core:1 pu:1" \
+            "$HARNESS" fault_syscalls 2>>"$LOGS/harness-fault.err" | tee -a "$LOGS/harness-fault.log" | grep -E "^FAIL|passed" || true
+        [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    done
+    echo "C harness, topology detection fails (a broken hwloc XML file):"
+    local broken=$LOGS/broken-topology.xml
+    printf '<topology><object type="Machine"' >"$broken"
+    HARNESS_TOPOLOGY_BROKEN=1 NUMA_MOE_TOPOLOGY=$broken "$HARNESS" fault_topology 2>"$LOGS/harness-topology.err" \
+        | tee "$LOGS/harness-topology.log" | grep -E "^FAIL|passed" || true
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    # its one warning comes before the harness's log callback exists: count it on stderr
+    local said
+    said=$(grep -c "cannot read the machine's topology" "$LOGS/harness-topology.err")
+    if [ "$said" -ne 1 ]; then
+        echo "FAIL the topology warning was printed $said times, want once"
+        rc=1
+    fi
     if ! command -v valgrind >/dev/null; then
         echo "FAIL valgrind is missing (scripts/setup.sh installs it)"
         rc=1

@@ -18,7 +18,8 @@ use std::sync::OnceLock;
 use parking_lot::{Mutex, RwLock};
 
 use crate::expert_map::{ExpertMap, MapError, Policy};
-use crate::topology::Topology;
+use crate::memory::KernelSupport;
+use crate::topology::{MemorySources, Topology};
 
 pub const MAP_ENV: &str = "NUMA_MOE_EXPERT_MAP";
 
@@ -54,9 +55,17 @@ pub struct Settings {
 }
 
 /// Process-wide state: the machine, the settings, and what all live buffers have reserved.
+///
+/// When topology detection fails, `topology` is a one-node stand-in
+/// ([`Topology::undetected`]): `off` and `auto` (then off) work, every other map is refused
+/// with the detection error, and nothing is bound.
 pub struct Runtime {
     pub topology: Topology,
     settings: RwLock<Settings>,
+    /// Where free memory is read whenever the budget is checked.
+    memory: MemorySources,
+    /// Whether the kernel lets this process bind and query pages, found out on first need.
+    kernel: OnceLock<KernelSupport>,
     /// Bytes planned per node by live buffers (the memory budget).
     reserved: Mutex<BTreeMap<u32, u64>>,
     /// Warnings already printed, so each is printed once.
@@ -79,12 +88,19 @@ fn env_choice<T: Copy>(name: &str, choices: &[(&str, T)], default: T) -> Result<
 
 impl Runtime {
     fn from_env() -> Result<Runtime, String> {
-        let topology = Topology::detect().map_err(|e| e.to_string())?;
+        let topology = Topology::detect().unwrap_or_else(|e| {
+            let t = Topology::undetected(&e.to_string());
+            crate::log::warn(&format!(
+                "numa-moe: warning: cannot read the machine's topology ({e}); experts stay on llama.cpp's own path \
+                 (--numa-expert-map off and auto work, other maps are refused)"
+            ));
+            t
+        });
         // A bad setting must stop the model load with its message, not disable numa-moe
         // quietly: it becomes the pending error that fails the first expert allocation.
         let mut problems = Vec::new();
         let (map, map_origin) = match std::env::var(MAP_ENV) {
-            Ok(text) if !text.trim().is_empty() => match ExpertMap::parse(&text).and_then(|m| m.check_nodes(&topology).map(|()| m)) {
+            Ok(text) if !text.trim().is_empty() => match ExpertMap::parse(&text).and_then(|m| check_map(&topology, m)) {
                 Ok(map) => (map, MAP_ENV.to_string()),
                 Err(e) => {
                     problems.push(format!("{MAP_ENV}: {e}"));
@@ -113,13 +129,24 @@ impl Runtime {
         let verify = choice(env_choice("NUMA_MOE_VERIFY", &[("1", true), ("0", false)], true), true, &mut problems);
         let force_bind = choice(env_choice("NUMA_MOE_FORCE_BIND", &[("1", true), ("0", false)], false), false, &mut problems);
         let settings = Settings { map, map_origin, on_error, pin, huge_pages, verify, force_bind };
-        Ok(Runtime {
+        let rt = Runtime::new(topology, settings, MemorySources::host());
+        if !problems.is_empty() {
+            rt.set_pending_error(problems.join("; "));
+        }
+        Ok(rt)
+    }
+
+    /// A runtime for `topology` with `settings`, reading free memory from `memory`.
+    pub fn new(topology: Topology, settings: Settings, memory: MemorySources) -> Runtime {
+        Runtime {
             topology,
             settings: RwLock::new(settings),
+            memory,
+            kernel: OnceLock::new(),
             reserved: Mutex::new(BTreeMap::new()),
             warned: Mutex::new(Vec::new()),
-            pending_error: Mutex::new(if problems.is_empty() { None } else { Some(problems.join("; ")) }),
-        })
+            pending_error: Mutex::new(None),
+        }
     }
 
     /// The error that will fail the next expert allocation, if any.
@@ -127,14 +154,30 @@ impl Runtime {
         self.pending_error.lock().clone()
     }
 
+    /// The settings in force. `verify` is false where the kernel refuses to say where pages
+    /// are (move_pages EPERM/ENOSYS): placement is then bound but not verified, which is said
+    /// once, when it first matters.
     pub fn settings(&self) -> Settings {
-        self.settings.read().clone()
+        let mut s = self.settings.read().clone();
+        // (where binding is refused too, that is what the user hears about, once)
+        if s.verify && self.active(&s) && self.binds_with(&s) && self.kernel().bind.is_ok() {
+            if let Err(e) = &self.kernel().page_query {
+                if e.is_unavailable() {
+                    crate::log::warn_once(
+                        self,
+                        "kernel-page-query",
+                        &format!("numa-moe: warning: cannot check where expert pages are ({e}); placement is bound but not verified"),
+                    );
+                    s.verify = false;
+                }
+            }
+        }
+        s
     }
 
     /// Replaces the map after checking it against this machine.
     pub fn set_map(&self, text: &str, origin: &str) -> Result<(), MapError> {
-        let map = ExpertMap::parse(text)?;
-        map.check_nodes(&self.topology)?;
+        let map = check_map(&self.topology, ExpertMap::parse(text)?)?;
         let mut s = self.settings.write();
         s.map = map;
         s.map_origin = origin.to_string();
@@ -148,8 +191,46 @@ impl Runtime {
     }
 
     /// Whether buffers bind their memory (the host, or a described machine when forced).
+    ///
+    /// Not where the kernel refuses memory policies altogether (mbind EPERM under a container's
+    /// seccomp profile, ENOSYS without NUMA): with the fallback policy that is said once and
+    /// placement is the kernel's default; with strict, buffers still try, so the load stops
+    /// with the first tensor's name and the kernel's error.
     pub fn binds(&self) -> bool {
-        self.topology.is_host() || self.settings.read().force_bind
+        let s = self.settings.read().clone();
+        self.binds_with(&s)
+    }
+
+    fn binds_with(&self, s: &Settings) -> bool {
+        if !(self.topology.is_host() || s.force_bind) {
+            return false;
+        }
+        if s.on_error == OnError::Strict || !self.active(s) {
+            return true;
+        }
+        match &self.kernel().bind {
+            Err(e) if e.is_unavailable() => {
+                crate::log::warn_once(self, "kernel-bind", &format!("numa-moe: warning: {}", unbound_note(e)));
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// Why placed memory is not bound, for the load report (`None`: it is bound).
+    pub fn unbound_reason(&self) -> Option<String> {
+        let s = self.settings.read().clone();
+        if !(self.topology.is_host() || s.force_bind) {
+            return Some("on a described topology: planned, not bound".into());
+        }
+        match &self.kernel().bind {
+            Err(e) if e.is_unavailable() && s.on_error == OnError::Fallback => Some(unbound_note(e)),
+            _ => None,
+        }
+    }
+
+    fn kernel(&self) -> &KernelSupport {
+        self.kernel.get_or_init(KernelSupport::probe)
     }
 
     pub fn set_on_error(&self, on_error: OnError) {
@@ -158,7 +239,10 @@ impl Runtime {
 
     /// Whether the map places anything at all on this machine (false: stock behaviour).
     pub fn placement_active(&self) -> bool {
-        let s = self.settings.read();
+        self.active(&self.settings.read())
+    }
+
+    fn active(&self, s: &Settings) -> bool {
         let one_node = self.topology.compute_nodes().len() <= 1;
         !s.map.rules.iter().all(|r| match &r.body {
             crate::expert_map::Body::Policy { policy: Policy::Off, .. } => true,
@@ -167,15 +251,31 @@ impl Runtime {
         })
     }
 
-    /// Reserves `bytes` on `node` against its budget; false if that would overfill it.
+    /// Reserves `bytes` on `node` against its budget. On the host the budget is read now:
+    /// the node's free memory ([`crate::topology::node_free_from_meminfo`]), and over all nodes
+    /// what the process's cgroup still allows (memory.max minus memory.current). Both count
+    /// only what live buffers reserved and have not allocated yet (pages already allocated
+    /// are no longer free). Err((bytes still to allocate on the node, bytes it can give)).
     pub fn reserve(&self, node: u32, bytes: u64) -> Result<(), (u64, u64)> {
-        let budget = self.topology.node(node).map_or(0, |n| n.budget_bytes());
         let mut r = self.reserved.lock();
-        let cur = r.entry(node).or_default();
-        if *cur + bytes > budget && self.topology.is_host() {
-            return Err((*cur + bytes, budget));
+        if self.topology.is_host() {
+            let node_free = self.memory.node_free(node).or_else(|| self.topology.node(node).map(|n| n.budget_bytes())).unwrap_or(0);
+            let cgroup = self.memory.cgroup_headroom();
+            let check = |resident: &BTreeMap<u32, u64>| {
+                let pending = |n: u32| r.get(&n).copied().unwrap_or(0).saturating_sub(resident.get(&n).copied().unwrap_or(0));
+                let need = pending(node).saturating_add(bytes);
+                let others: u64 = r.keys().filter(|&&n| n != node).map(|&n| pending(n)).sum();
+                let have = cgroup.map_or(node_free, |c| node_free.min(c.saturating_sub(others)));
+                if need > have {
+                    Err((need, have))
+                } else {
+                    Ok(())
+                }
+            };
+            // Nothing resident is assumed first (cheap); only a refusal looks at what is.
+            check(&BTreeMap::new()).or_else(|_| check(&self.memory.placed_resident()))?;
         }
-        *cur += bytes;
+        *r.entry(node).or_default() += bytes;
         Ok(())
     }
 
@@ -214,7 +314,170 @@ impl Runtime {
     }
 }
 
+/// Checks a map against the machine; without a topology only `off` and `auto` pass.
+fn check_map(topology: &Topology, map: ExpertMap) -> Result<ExpertMap, MapError> {
+    if let Some(reason) = topology.detection_error() {
+        let placeless =
+            map.rules.iter().all(|r| matches!(&r.body, crate::expert_map::Body::Policy { policy: Policy::Off | Policy::Auto, .. }));
+        if !placeless {
+            return Err(MapError {
+                text: map.text.clone(),
+                span: None,
+                message: format!("the machine's topology could not be read ({reason}); only \"off\" and \"auto\" work"),
+            });
+        }
+    }
+    map.check_nodes(topology)?;
+    Ok(map)
+}
+
+/// What the user is told when the kernel refuses memory policies.
+fn unbound_note(e: &crate::sys::SysError) -> String {
+    format!("cannot bind expert memory ({e}); placement is the kernel's default, not bound and not verified")
+}
+
 /// The process runtime, created from the environment on first use.
 pub fn runtime() -> Result<&'static Runtime, String> {
     RUNTIME.get_or_init(Runtime::from_env).as_ref().map_err(|e| e.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::sys::SysError;
+    use crate::topology::{NumaNode, Source};
+
+    fn settings(map: &str) -> Settings {
+        Settings {
+            map: ExpertMap::parse(map).unwrap(),
+            map_origin: "test".into(),
+            on_error: OnError::Fallback,
+            pin: PinMode::Auto,
+            huge_pages: false,
+            verify: true,
+            force_bind: false,
+        }
+    }
+
+    /// A host of `n` nodes whose free memory, cgroup and numa_maps come from a directory tree.
+    fn host(name: &str, n: u32, map: &str) -> (Runtime, PathBuf) {
+        let root = std::env::temp_dir().join(format!("numa-moe-config-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        let nodes: Vec<NumaNode> = Topology::uniform(n, 2, 1).nodes().to_vec();
+        let topo = Topology::from_parts(nodes, None, Source::Host).unwrap();
+        let memory = MemorySources {
+            nodes: root.join("node"),
+            proc_cgroup: root.join("cgroup"),
+            cgroup_fs: root.join("cgroupfs"),
+            numa_maps: root.join("numa_maps"),
+        };
+        for i in 0..n {
+            set_free_kib(&root, i, 1000);
+        }
+        (Runtime::new(topo, settings(map), memory), root)
+    }
+
+    fn set_free_kib(root: &std::path::Path, node: u32, kib: u64) {
+        let dir = root.join(format!("node/node{node}"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("meminfo"),
+            format!("Node {node} MemTotal: 1048576 kB\nNode {node} MemFree: {kib} kB\nNode {node} Inactive(file): 0 kB\n"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_budget_reads_free_memory_when_it_checks() {
+        let (rt, root) = host("fresh", 1, "rows");
+        assert_eq!(rt.reserve(0, 500 << 10), Ok(()));
+        assert_eq!(rt.reserve(0, 600 << 10), Err((1100 << 10, 1000 << 10)));
+        // memory freed by others since the topology was read counts
+        set_free_kib(&root, 0, 2000);
+        assert_eq!(rt.reserve(0, 600 << 10), Ok(()));
+        // and memory taken by others since then is missing
+        set_free_kib(&root, 0, 1000);
+        assert_eq!(rt.reserve(0, 1), Err(((1100 << 10) + 1, 1000 << 10)));
+        rt.release(0, 1100 << 10);
+        assert_eq!(rt.reserve(0, 1000 << 10), Ok(()));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn the_cgroup_limit_caps_all_nodes_together() {
+        let (rt, root) = host("cgroup", 2, "rows");
+        fs::write(root.join("cgroup"), "0::/job\n").unwrap();
+        fs::create_dir_all(root.join("cgroupfs/job")).unwrap();
+        fs::write(root.join("cgroupfs/job/memory.max"), format!("{}\n", 1600 << 10)).unwrap();
+        fs::write(root.join("cgroupfs/job/memory.current"), format!("{}\n", 100 << 10)).unwrap();
+        assert_eq!(rt.reserve(0, 800 << 10), Ok(()));
+        // node 1 has 1000 KiB free, but the cgroup allows 1500 KiB of which node 0 took 800
+        assert_eq!(rt.reserve(1, 800 << 10), Err((800 << 10, 700 << 10)));
+        assert_eq!(rt.reserve(1, 700 << 10), Ok(()));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn memory_already_placed_is_not_counted_twice() {
+        let (rt, root) = host("resident", 1, "rows");
+        assert_eq!(rt.reserve(0, 800 << 10), Ok(()));
+        // the first model is loaded: its 800 KiB are now allocated, bound to node 0
+        set_free_kib(&root, 0, 200);
+        fs::write(root.join("numa_maps"), "7f0000000000 bind:0 anon=200 dirty=200 N0=200 kernelpagesize_kB=4\n").unwrap();
+        assert_eq!(rt.reserve(0, 150 << 10), Ok(()));
+        assert_eq!(rt.reserve(0, 100 << 10), Err((250 << 10, 200 << 10)));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn without_a_topology_off_and_auto_work_and_other_maps_say_why() {
+        let topo = Topology::undetected("cannot read hwloc XML /t/broken.xml: bad XML");
+        let rt = Runtime::new(topo, settings("auto"), MemorySources::host());
+        assert!(!rt.placement_active() && !rt.binds());
+        assert_eq!(rt.set_map("off", "test"), Ok(()));
+        assert_eq!(rt.set_map("auto", "test"), Ok(()));
+        assert!(!rt.placement_active());
+        for map in ["rows", "0-3:0,*:0", "mirror", "off;blk.1-2=rows"] {
+            let e = rt.set_map(map, "test").unwrap_err().to_string();
+            assert!(e.contains("topology could not be read (cannot read hwloc XML /t/broken.xml: bad XML)"), "{map}: {e}");
+        }
+        assert_eq!(rt.settings().map.render(), "auto");
+    }
+
+    #[test]
+    fn a_kernel_refusing_policies_unbinds_once_in_fallback_and_not_in_strict() {
+        let (rt, root) = host("refused", 2, "rows");
+        let eperm = SysError::from_errno("mbind", libc::EPERM);
+        rt.kernel.set(KernelSupport { bind: Err(eperm), page_query: Err(SysError::from_errno("move_pages", libc::EPERM)) }).unwrap();
+        assert!(!rt.binds());
+        assert!(!rt.first_time("kernel-bind"), "the warning was given");
+        assert!(rt.unbound_reason().unwrap().contains("mbind failed: Operation not permitted (errno 1)"));
+        assert!(rt.settings().verify, "nothing bound, so nothing to verify and no second warning");
+        assert!(rt.first_time("kernel-page-query"));
+        rt.set_on_error(OnError::Strict);
+        assert!(rt.binds(), "strict: the first tensor's bind fails and stops the load with its name");
+        assert_eq!(rt.unbound_reason(), None);
+        assert!(rt.settings().verify, "still one warning in all: verification is not turned off with its own");
+        // nothing placed, nothing said
+        let (quiet, root2) = host("refused-off", 2, "off");
+        quiet.kernel.set(KernelSupport { bind: Err(eperm), page_query: Ok(()) }).unwrap();
+        assert!(quiet.binds() && quiet.first_time("kernel-bind"));
+        fs::remove_dir_all(root).unwrap();
+        fs::remove_dir_all(root2).unwrap();
+    }
+
+    #[test]
+    fn a_kernel_refusing_page_queries_turns_verification_off_once() {
+        let (rt, root) = host("noquery", 2, "rows");
+        rt.kernel.set(KernelSupport { bind: Ok(()), page_query: Err(SysError::from_errno("move_pages", libc::ENOSYS)) }).unwrap();
+        assert!(rt.binds());
+        assert!(!rt.settings().verify);
+        assert!(!rt.first_time("kernel-page-query"), "the warning was given");
+        assert_eq!(rt.unbound_reason(), None);
+        fs::remove_dir_all(root).unwrap();
+    }
 }

@@ -268,6 +268,43 @@ pub fn page_report_sampled(addr: usize, len: usize, stride: usize, planned: impl
     Ok(report)
 }
 
+/// What the kernel lets this process do with NUMA memory policies, found once by trying each
+/// call on a scratch page (no node is named, so only a refusal of the call itself fails).
+#[derive(Debug, Clone)]
+pub struct KernelSupport {
+    /// `mbind` (an MPOL_DEFAULT policy on the page).
+    pub bind: Result<(), SysError>,
+    /// `move_pages` asking where the page is.
+    pub page_query: Result<(), SysError>,
+}
+
+impl KernelSupport {
+    pub fn probe() -> Self {
+        let page = sys::page_size();
+        let r = match Region::new(page, page) {
+            Ok(r) => r,
+            Err(e) => return KernelSupport { bind: Err(e), page_query: Err(e) },
+        };
+        let bind = r.unbind(0..page);
+        r.fill(0, 1, 0);
+        let page_query = page_report(r.as_ptr() as usize, page, |_| None).map(|_| ());
+        KernelSupport { bind, page_query }
+    }
+}
+
+/// Resident bytes per node of this process's anonymous memory under a NUMA policy (bind,
+/// preferred, interleave), from /proc/self/numa_maps text: the placed expert memory that is
+/// already allocated, which the kernel no longer counts as free.
+pub fn policy_resident_per_node(entries: &[NumaMapsEntry]) -> BTreeMap<u32, u64> {
+    let mut out = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.anon && e.file.is_none() && e.policy != "default") {
+        for &n in e.pages.keys() {
+            *out.entry(n).or_default() += e.bytes_on(n);
+        }
+    }
+    out
+}
+
 /// One mapping of a process, as /proc/PID/numa_maps describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NumaMapsEntry {
@@ -373,6 +410,25 @@ mod tests {
         assert_eq!(e[0].bytes_on(1), 4096 * 4096);
         assert_eq!(e[1].file.as_deref(), Some("/m/model.gguf"));
         assert_eq!(e[1].bytes(), 10 * 4096);
+    }
+
+    #[test]
+    fn only_anonymous_memory_under_a_policy_counts_as_placed() {
+        let text = "7f1c00000000 bind:1 anon=10 dirty=10 N1=10 kernelpagesize_kB=4\n\
+                    7f1c40000000 prefer:0 anon=3 dirty=3 N0=2 N1=1 kernelpagesize_kB=4\n\
+                    7f1c80000000 interleave:0-1 anon=4 dirty=4 N0=2 N1=2 kernelpagesize_kB=4\n\
+                    7f1d00000000 default anon=100 dirty=100 N0=100 kernelpagesize_kB=4\n\
+                    7f1e00000000 default file=/m/model.gguf mapped=50 N0=50 kernelpagesize_kB=4\n";
+        let r = policy_resident_per_node(&parse_numa_maps(text));
+        assert_eq!(r.get(&0).copied(), Some(4 * 4096));
+        assert_eq!(r.get(&1).copied(), Some(13 * 4096));
+    }
+
+    #[test]
+    fn the_kernel_probe_works_on_this_machine() {
+        let k = KernelSupport::probe();
+        assert_eq!(k.bind, Ok(()));
+        assert_eq!(k.page_query, Ok(()));
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
         format_gib(total),
         s.map.render(),
         s.map_origin,
-        if rt.binds() { String::new() } else { " on a described topology: planned, not bound".into() }
+        rt.unbound_reason().map(|r| format!(" ({r})")).unwrap_or_default()
     )];
     let loads = placement::node_loads(&rt.topology, &placed.iter().map(|p| p.plan.clone()).collect::<Vec<_>>());
     let mut parts = Vec::new();

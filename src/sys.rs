@@ -55,7 +55,8 @@ pub struct SysError {
 }
 
 impl SysError {
-    fn from_errno(call: &'static str, errno: i32) -> Self {
+    /// The error `call` failing with `errno` would give (also for tests that fake a refusal).
+    pub fn from_errno(call: &'static str, errno: i32) -> Self {
         let kind = match errno {
             libc::EINVAL => SysErrorKind::InvalidArgument,
             libc::EPERM | libc::EACCES => SysErrorKind::PermissionDenied,
@@ -70,6 +71,24 @@ impl SysError {
     fn last(call: &'static str) -> Self {
         Self::from_errno(call, io::Error::last_os_error().raw_os_error().unwrap_or(0))
     }
+
+    /// Whether the call fails whatever its arguments: the kernel has no NUMA support (ENOSYS)
+    /// or a policy forbids the call (EPERM/EACCES: Docker's default seccomp profile without
+    /// CAP_SYS_NICE). Retrying it for the next tensor would only fail again.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self.kind, SysErrorKind::PermissionDenied | SysErrorKind::Unsupported)
+    }
+
+    /// What the user can do about it, for the kinds that have a usual cause.
+    fn hint(&self) -> Option<&'static str> {
+        match self.kind {
+            SysErrorKind::PermissionDenied => {
+                Some("NUMA memory policy calls are refused here, as in containers run without CAP_SYS_NICE under a default seccomp profile")
+            }
+            SysErrorKind::Unsupported => Some("this kernel has no NUMA support, or a seccomp filter hides the call"),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for SysError {
@@ -77,7 +96,11 @@ impl fmt::Display for SysError {
         // io::Error's text ends in " (os error N)"; say it once, as errno.
         let text = io::Error::from_raw_os_error(self.errno).to_string();
         let text = text.split(" (os error").next().unwrap_or(&text).to_string();
-        write!(f, "{} failed: {text} (errno {})", self.call, self.errno)
+        write!(f, "{} failed: {text} (errno {})", self.call, self.errno)?;
+        if let Some(h) = self.hint() {
+            write!(f, "; {h}")?;
+        }
+        Ok(())
     }
 }
 
@@ -291,7 +314,8 @@ pub fn node_of_addr(addr: *const u8) -> Result<u32, SysError> {
             &mut node as *mut libc::c_int,
             std::ptr::null_mut::<libc::c_ulong>(),
             0 as libc::c_ulong,
-            addr,
+            // only a lookup key for the kernel, never dereferenced here
+            addr as libc::c_ulong,
             MPOL_F_NODE | MPOL_F_ADDR,
         )
     };
@@ -395,7 +419,26 @@ mod tests {
         assert_eq!(SysError::from_errno("mbind", libc::EPERM).kind, SysErrorKind::PermissionDenied);
         assert_eq!(SysError::from_errno("mbind", libc::ENOMEM).kind, SysErrorKind::OutOfMemory);
         assert_eq!(SysError::from_errno("mbind", libc::ENOSYS).kind, SysErrorKind::Unsupported);
+        assert_eq!(SysError::from_errno("mbind", libc::EACCES).kind, SysErrorKind::PermissionDenied);
+        assert_eq!(SysError::from_errno("mbind", libc::EIO).kind, SysErrorKind::Other);
         let e = SysError::from_errno("mbind", libc::EINVAL);
-        assert!(e.to_string().starts_with("mbind failed: Invalid argument"));
+        assert_eq!(e.to_string(), "mbind failed: Invalid argument (errno 22)");
+        assert!(!e.is_unavailable());
+    }
+
+    #[test]
+    fn refusals_whatever_the_arguments_are_unavailable_and_say_why() {
+        let eperm = SysError::from_errno("mbind", libc::EPERM);
+        assert!(eperm.is_unavailable());
+        assert_eq!(eperm.errno, libc::EPERM);
+        let text = eperm.to_string();
+        assert!(text.starts_with("mbind failed: Operation not permitted (errno 1); "), "{text}");
+        assert!(text.contains("CAP_SYS_NICE") && text.contains("seccomp"), "{text}");
+        let enosys = SysError::from_errno("move_pages", libc::ENOSYS);
+        assert!(enosys.is_unavailable());
+        let text = enosys.to_string();
+        assert!(text.starts_with("move_pages failed: Function not implemented (errno 38); "), "{text}");
+        assert!(text.contains("no NUMA support"), "{text}");
+        assert!(!SysError::from_errno("mbind", libc::ENOMEM).is_unavailable());
     }
 }

@@ -117,3 +117,28 @@ fn sampled_reports_look_at_every_nth_page() {
     let wrong = numa_moe::memory::page_report_sampled(r.as_ptr() as usize, 16 << 20, 7, |_| Some(node + 1)).unwrap();
     assert_eq!(wrong.misplaced, some.resident());
 }
+
+#[test]
+fn mems_allowed_from_proc_status_agrees_with_the_kernel() {
+    // topology reads mems_allowed from /proc/self/status so that a refused get_mempolicy
+    // (a container's seccomp profile) loses nothing: both must say the same
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert_eq!(numa_moe::topology::parse_mems_allowed(&status), Some(sys::mems_allowed().unwrap().nodes()));
+}
+
+#[test]
+fn the_budget_sources_read_this_host() {
+    let node = first_memory_node();
+    let sources = numa_moe::topology::MemorySources::host();
+    let before = sources.node_free(node).expect("the host reports free memory per node");
+    let total = Topology::from_host().unwrap().node(node).unwrap().total_bytes;
+    assert!(before > 0 && before <= total, "{before} free of {total}");
+    // bound and touched pages are what the budget counts as already placed (no longer free,
+    // so not to be counted twice). (Free memory itself moves with every other process here.)
+    let len = 64 << 20;
+    let r = Region::new(len, 4096).unwrap();
+    r.bind(0..len, &Binding::Node(node), Strictness::Bind).unwrap();
+    r.fill(0, len, 1);
+    let placed = sources.placed_resident();
+    assert!(placed.get(&node).copied().unwrap_or(0) >= len as u64, "{placed:?}");
+}

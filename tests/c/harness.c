@@ -570,6 +570,143 @@ static void test_mmid_prefill(void) {
 }
 
 // ---------------------------------------------------------------------------------------
+// environment faults: NUMA syscalls the kernel refuses (tests/c/fault_shim.c, preloaded with
+// NUMA_MOE_FAULT="call=ERRNO,...") and a machine whose topology cannot be read. Each runs
+// alone in its own process (scripts/test.sh), since numa-moe warns once per process.
+
+static int g_warnings;  // numa-moe warnings and errors the log callback has seen
+static int g_errors;
+
+// defined by fault_shim.so when it is preloaded
+extern unsigned long numa_moe_fault_hits(const char * name) __attribute__((weak));
+
+// The errno text numa-moe reports for `call` under NUMA_MOE_FAULT, or NULL if not refused.
+static const char * refused(const char * spec, const char * call) {
+    char key[32];
+    snprintf(key, sizeof key, "%s=", call);
+    const char * at = strstr(spec, key);
+    if (!at || (at != spec && at[-1] != ',')) {
+        return NULL;
+    }
+    at += strlen(key);
+    return strncmp(at, "EPERM", 5) == 0  ? "Operation not permitted (errno 1)" :
+           strncmp(at, "ENOSYS", 6) == 0 ? "Function not implemented (errno 38)" :
+                                           "(another errno)";
+}
+
+// What the user sees when NUMA syscalls are refused: strict stops the load with one message
+// naming the tensor and the kernel's error; fallback loads with one warning in all and
+// computes the same bits as ggml's stock kernel.
+static void test_fault_syscalls(void) {
+    const char * spec = getenv("NUMA_MOE_FAULT");
+    if (!spec || !*spec) {
+        printf("  (skipped: runs under tests/c/fault_shim.so with NUMA_MOE_FAULT set)\n");
+        return;
+    }
+    CHECK(numa_moe_fault_hits != NULL, "NUMA_MOE_FAULT is set but fault_shim.so is not preloaded");
+    if (!numa_moe_fault_hits) {
+        return;
+    }
+    const int warnings0 = g_warnings, errors0 = g_errors;
+    const char * mbind = refused(spec, "mbind");
+    const char * pages = refused(spec, "move_pages");
+    const char * map   = node_count() > 1 ? "rows" : "0-3:0,*:0";
+    ggml_backend_buffer_type_t buft = numa_moe_buft();
+    struct experts e;
+
+    CHECK(numa_moe_config_set_strict(true) == NUMA_MOE_RESULT_OK);
+    int loaded = experts_alloc(&e, buft, map, GGML_TYPE_F32, 1024, 16, 8);
+    if (mbind) {
+        CHECK(!loaded, "strict: the load must stop when mbind is refused");
+        CHECK(strstr(last_error(), "cannot bind") && strstr(last_error(), "blk.0.ffn_up_exps.weight") &&
+                  strstr(last_error(), "mbind failed: ") && strstr(last_error(), mbind),
+              "got '%s'", g_err);
+        CHECK(g_errors - errors0 == 1, "strict: %d error messages, want one", g_errors - errors0);
+        CHECK(numa_moe_fault_hits("mbind") > 0);
+    } else {
+        CHECK(loaded, "strict: nothing stops placement when only %s is refused: %s", spec, last_error());
+        CHECK(g_errors == errors0, "%d error messages", g_errors - errors0);
+    }
+    experts_free(&e);
+    CHECK(numa_moe_config_set_strict(false) == NUMA_MOE_RESULT_OK);
+
+    // fallback: the load succeeds and every output bit is stock's, under every layout
+    const int threads[] = { 2, 0 };
+    const enum ggml_type types[] = { GGML_TYPE_F16, GGML_TYPE_Q4_K };
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        struct mmid_case c = { types[i], 256, 64, 8, 4, 3, 1 };
+        mmid_identical(&c, compute_maps(), threads);
+    }
+    if (!mbind && !pages) {
+        // nothing numa-moe needs was refused: placement is bound and verified as usual
+        CHECK(experts_alloc(&e, buft, map, GGML_TYPE_F32, 1024, 16, 8), "%s", last_error());
+        NumaMoePageReport rep;
+        ggml_backend_tensor_memset(e.w, 1, 0, ggml_nbytes(e.w));
+        CHECK(numa_moe_tensor_verify(e.w, &rep) == NUMA_MOE_RESULT_OK, "%s", last_error());
+        CHECK(rep.resident * 4096 >= ggml_nbytes(e.w) && rep.misplaced == 0, "%" PRIu64 " resident, %" PRIu64 " misplaced",
+              rep.resident, rep.misplaced);
+        experts_free(&e);
+        numa_moe_config_set_map("off");
+    }
+    if (pages) {
+        CHECK(numa_moe_fault_hits("move_pages") > 0);
+    }
+    // one warning for the whole process, not one per tensor or buffer; none when nothing
+    // numa-moe relies on was refused
+    const int want = (mbind || pages) ? 1 : 0;
+    CHECK(g_warnings - warnings0 == want, "%d warnings, want %d", g_warnings - warnings0, want);
+}
+
+// NUMA_MOE_TOPOLOGY names a broken XML file: `off` and `auto` still work (llama.cpp's own
+// path, same bits), other maps are refused with the detection error, nothing warns per call.
+static void test_fault_topology(void) {
+    const char * topo = getenv("NUMA_MOE_TOPOLOGY");
+    if (!getenv("HARNESS_TOPOLOGY_BROKEN") || !topo) {
+        printf("  (skipped: needs HARNESS_TOPOLOGY_BROKEN=1 and NUMA_MOE_TOPOLOGY naming a broken file)\n");
+        return;
+    }
+    CHECK(numa_moe_config_set_map("rows") == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(strstr(last_error(), "topology could not be read") && strstr(last_error(), topo), "got '%s'", g_err);
+    CHECK(numa_moe_config_set_map("0-3:0,*:0") == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(numa_moe_config_set_map("auto") == NUMA_MOE_RESULT_OK, "%s", last_error());
+    CHECK(numa_moe_config_set_map("off") == NUMA_MOE_RESULT_OK, "%s", last_error());
+    CHECK(node_count() == 1);
+    const char * maps[] = { "off", "auto" };
+    for (int m = 0; m < 2; m++) {
+        struct mmid_case c = { GGML_TYPE_Q8_0, 256, 64, 8, 4, 5, 1 };
+        struct ggml_init_params ip = { ggml_tensor_overhead(), NULL, true };
+        struct ggml_context * meta = ggml_init(ip);
+        struct ggml_tensor * wt = ggml_new_tensor_3d(meta, c.type, c.n_embd, c.n_ff, c.n_expert);
+        uint8_t * w = malloc(ggml_nbytes(wt));
+        fill_weights(wt, w);
+        float * act = malloc(sizeof(float) * c.n_embd * c.n_tokens);
+        for (int64_t i = 0; i < c.n_embd * c.n_tokens; i++) {
+            act[i] = rnd_normal();
+        }
+        int32_t ids[4 * 5];  // token t uses experts 2s + t%2, s = 0..3
+        for (int i = 0; i < 4 * 5; i++) {
+            ids[i] = (int32_t) ((i % 4) * 2 + (i / 4) % 2);
+        }
+        NumaMoeStats before, after;
+        numa_moe_stats_get(&before);
+        float * ref = run_mmid(&c, ggml_backend_cpu_buffer_type(), w, act, ids, 2, NULL);
+        float * got = run_mmid(&c, numa_moe_buft(), w, act, ids, 2, maps[m]);
+        numa_moe_stats_get(&after);
+        CHECK(ref && got, "map %s: %s", maps[m], last_error());
+        CHECK(ref && got && memcmp(ref, got, sizeof(float) * c.n_ff * c.n_used * c.n_tokens) == 0, "map %s: outputs differ", maps[m]);
+        CHECK(after.tensors_placed == 0 && after.ops_computed == before.ops_computed, "map %s placed or computed something", maps[m]);
+        free(ref);
+        free(got);
+        free(act);
+        free(w);
+        ggml_free(meta);
+    }
+    // the one warning about the topology comes when ggml-cpu registers, before main() sets this
+    // log callback (scripts/test.sh counts it on stderr); nothing after it warns again
+    CHECK(g_warnings == 0 && g_errors == 0, "%d warnings and %d errors after start-up", g_warnings, g_errors);
+}
+
+// ---------------------------------------------------------------------------------------
 // inside a QEMU NUMA guest (tests/numa-vm): NUMA_VM_EXPECT describes what QEMU was told,
 // "id:cpus:mib:d0,d1,...;..." per node
 
@@ -881,6 +1018,8 @@ static const struct test k_tests[] = {
     { "mmid_decode", test_mmid_decode_every_type },
     { "mmid_batches", test_mmid_small_batches },
     { "mmid_prefill", test_mmid_prefill },
+    { "fault_syscalls", test_fault_syscalls },
+    { "fault_topology", test_fault_topology },
     { "numa_topology", test_numa_topology_matches_the_machine },
     { "numa_bad_maps", test_numa_bad_maps_name_absent_and_memoryless_nodes },
     { "numa_out_of_memory", test_numa_node_out_of_memory },
@@ -889,6 +1028,10 @@ static const struct test k_tests[] = {
 
 static void quiet_log(enum ggml_log_level level, const char * text, void * user) {
     (void) user;
+    if (strncmp(text, "numa-moe", 8) == 0) {
+        g_warnings += level == GGML_LOG_LEVEL_WARN;
+        g_errors += level == GGML_LOG_LEVEL_ERROR;
+    }
     if (level >= GGML_LOG_LEVEL_WARN || getenv("HARNESS_VERBOSE")) {
         fputs(text, stderr);
     }
