@@ -59,6 +59,11 @@ enum NumaMoeResult
    */
   NUMA_MOE_RESULT_BUFFER_TOO_SMALL = 7,
   /**
+   * A node (or the process's cgroup) has too little memory for what the plan puts there,
+   * or memory could not be reserved.
+   */
+  NUMA_MOE_RESULT_OUT_OF_MEMORY = 8,
+  /**
    * numa-moe panicked; the message says where. The process state is otherwise intact.
    */
   NUMA_MOE_RESULT_PANIC = 255,

@@ -12,6 +12,7 @@
 //! | NUMA_MOE_TOPOLOGY      | `host`, synthetic, XML path  | `host`                           |
 //! | NUMA_MOE_FORCE_BIND    | `1`, `0`                     | `0` (tests: bind on a described machine) |
 
+use crate::error::{Error, ErrorCode};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -71,10 +72,10 @@ pub struct Runtime {
     /// Warnings already printed, so each is printed once.
     warned: Mutex<Vec<String>>,
     /// Map errors found while llama.cpp probes tensors; the next allocation fails with them.
-    pending_error: Mutex<Option<String>>,
+    pending_error: Mutex<Option<Error>>,
 }
 
-static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+static RUNTIME: OnceLock<Result<Runtime, Error>> = OnceLock::new();
 
 fn env_choice<T: Copy>(name: &str, choices: &[(&str, T)], default: T) -> Result<T, String> {
     match std::env::var(name) {
@@ -87,7 +88,7 @@ fn env_choice<T: Copy>(name: &str, choices: &[(&str, T)], default: T) -> Result<
 }
 
 impl Runtime {
-    fn from_env() -> Result<Runtime, String> {
+    fn from_env() -> Result<Runtime, Error> {
         let topology = Topology::detect().unwrap_or_else(|e| {
             let t = Topology::undetected(&e.to_string());
             crate::log::warn(&format!(
@@ -99,10 +100,12 @@ impl Runtime {
         // A bad setting must stop the model load with its message, not disable numa-moe
         // quietly: it becomes the pending error that fails the first expert allocation.
         let mut problems = Vec::new();
+        let mut map_problem = false;
         let (map, map_origin) = match std::env::var(MAP_ENV) {
             Ok(text) if !text.trim().is_empty() => match ExpertMap::parse(&text).and_then(|m| check_map(&topology, m)) {
                 Ok(map) => (map, MAP_ENV.to_string()),
                 Err(e) => {
+                    map_problem = true;
                     problems.push(format!("{MAP_ENV}: {e}"));
                     (ExpertMap::policy(Policy::Off), MAP_ENV.to_string())
                 }
@@ -131,7 +134,8 @@ impl Runtime {
         let settings = Settings { map, map_origin, on_error, pin, huge_pages, verify, force_bind };
         let rt = Runtime::new(topology, settings, MemorySources::host());
         if !problems.is_empty() {
-            rt.set_pending_error(problems.join("; "));
+            let code = if map_problem { ErrorCode::InvalidMap } else { ErrorCode::InvalidArgument };
+            rt.set_pending_error(Error::new(code, problems.join("; ")));
         }
         Ok(rt)
     }
@@ -150,7 +154,7 @@ impl Runtime {
     }
 
     /// The error that will fail the next expert allocation, if any.
-    pub fn pending_error(&self) -> Option<String> {
+    pub fn pending_error(&self) -> Option<Error> {
         self.pending_error.lock().clone()
     }
 
@@ -302,14 +306,14 @@ impl Runtime {
         }
     }
 
-    pub fn set_pending_error(&self, msg: String) {
+    pub fn set_pending_error(&self, msg: Error) {
         let mut p = self.pending_error.lock();
         if p.is_none() {
             *p = Some(msg);
         }
     }
 
-    pub fn take_pending_error(&self) -> Option<String> {
+    pub fn take_pending_error(&self) -> Option<Error> {
         self.pending_error.lock().take()
     }
 }
@@ -337,7 +341,7 @@ fn unbound_note(e: &crate::sys::SysError) -> String {
 }
 
 /// The process runtime, created from the environment on first use.
-pub fn runtime() -> Result<&'static Runtime, String> {
+pub fn runtime() -> Result<&'static Runtime, Error> {
     RUNTIME.get_or_init(Runtime::from_env).as_ref().map_err(|e| e.clone())
 }
 

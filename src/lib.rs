@@ -7,6 +7,7 @@
 //! - [`placement`]: pure planning of bytes, compute pieces and workers
 //! - [`memory`]: NUMA-placed allocations and verification of where pages are
 //! - [`config`]: what the user asked for, process-wide
+//! - [`error`]: the one error type, with the C ABI's stable codes
 //! - [`ggml`]: bindgen views of the pinned ggml structs; the only file that dereferences them
 //! - [`buffer`]: the ggml buffer type's memory: budget, binding, replicas
 //! - [`compute`]: node-bound kernels on ggml-cpu's threads (the routed mul_mat_id), the
@@ -17,6 +18,7 @@
 pub mod buffer;
 pub mod compute;
 pub mod config;
+pub mod error;
 pub mod expert_map;
 pub mod ffi;
 pub mod ggml;

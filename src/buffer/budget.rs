@@ -2,6 +2,7 @@
 //! the node can hold, alongside every other live buffer.
 
 use crate::config::Runtime;
+use crate::error::{Error, ErrorCode};
 use crate::memory::Strictness;
 use crate::placement::TensorPlan;
 use crate::topology::format_gib;
@@ -19,7 +20,7 @@ pub struct Reservation {
 /// Reserves `plan`'s bytes per node. A node short of memory stops the load when `strict`
 /// (nothing stays reserved), else the tensor is placed by preference and every later
 /// tensor sees the node as full.
-pub fn reserve(rt: &Runtime, plan: &TensorPlan, strict: bool) -> Result<Reservation, String> {
+pub fn reserve(rt: &Runtime, plan: &TensorPlan, strict: bool) -> Result<Reservation, Error> {
     let loads = plan.bytes_per_node();
     for (i, &(node, b)) in loads.iter().enumerate() {
         if let Err((need, have)) = rt.reserve(node, b) {
@@ -34,7 +35,7 @@ pub fn reserve(rt: &Runtime, plan: &TensorPlan, strict: bool) -> Result<Reservat
                 for &(n, b) in &loads[..i] {
                     rt.release(n, b);
                 }
-                return Err(msg);
+                return Err(Error::new(ErrorCode::OutOfMemory, msg));
             }
             crate::log::warn_once(
                 rt,

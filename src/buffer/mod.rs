@@ -22,6 +22,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::{OnError, Runtime};
+use crate::error::{Error, ErrorCode};
 use crate::memory::{self, PageReport, Region};
 use crate::placement::{self, Binding, ExpertTensor, Piece, PlanOptions, TensorPlan};
 use crate::topology::format_gib;
@@ -55,11 +56,11 @@ impl TensorInfo {
 }
 
 /// The plan for one tensor under the current settings (`Ok(None)`: not ours to place).
-pub fn plan_for(rt: &Runtime, info: &TensorInfo) -> Result<Option<TensorPlan>, String> {
+pub fn plan_for(rt: &Runtime, info: &TensorInfo) -> Result<Option<TensorPlan>, Error> {
     let Some(t) = info.expert_tensor() else { return Ok(None) };
     let s = rt.settings();
     let opts = PlanOptions { page_size: crate::sys::page_size() as u64, by_cores: true };
-    placement::plan_tensor(&rt.topology, &s.map, &t, &opts).map_err(|e| e.to_string())
+    placement::plan_tensor(&rt.topology, &s.map, &t, &opts).map_err(Error::from)
 }
 
 /// A planned tensor living in a buffer.
@@ -106,10 +107,12 @@ pub struct NumaBuffer {
 }
 
 impl NumaBuffer {
-    pub fn new(rt: &Runtime, size: usize) -> Result<Self, String> {
+    pub fn new(rt: &Runtime, size: usize) -> Result<Self, Error> {
         let s = rt.settings();
         let align = if s.huge_pages { 2 << 20 } else { crate::sys::page_size() };
-        let region = Region::new(size, align).map_err(|e| format!("cannot reserve {} for expert weights: {e}", format_gib(size as u64)))?;
+        let region = Region::new(size, align).map_err(|e| {
+            Error::new(ErrorCode::OutOfMemory, format!("cannot reserve {} for expert weights: {e}", format_gib(size as u64)))
+        })?;
         if s.huge_pages {
             if let Err(e) = region.advise_huge_pages() {
                 crate::log::warn_once(rt, "thp", &format!("numa-moe: transparent huge pages not available ({e}); using 4 KiB pages"));
@@ -134,14 +137,17 @@ impl NumaBuffer {
 
     /// Plans and binds a tensor at `offset` before any of its bytes is written: budget,
     /// binding of the primary, then the replicas.
-    pub fn init_tensor(&self, rt: &Runtime, info: &TensorInfo, offset: usize) -> Result<(), String> {
+    pub fn init_tensor(&self, rt: &Runtime, info: &TensorInfo, offset: usize) -> Result<(), Error> {
         let Some(plan) = plan_for(rt, info)? else {
             crate::log::debug(&format!("numa-moe: {} stays plain host memory (not an expert tensor the map places)", info.name));
             return Ok(());
         };
         let bytes = plan.tensor.bytes() as usize;
         if offset.checked_add(bytes).is_none_or(|end| end > self.region.len()) {
-            return Err(format!("{} ({} bytes at offset {offset}) does not fit its buffer", info.name, bytes));
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!("{} ({} bytes at offset {offset}) does not fit its buffer", info.name, bytes),
+            ));
         }
         let strict = rt.settings().on_error == OnError::Strict;
 
@@ -156,7 +162,7 @@ impl NumaBuffer {
                     return Err(msg);
                 }
                 crate::log::warn_once(rt, "bind", &format!("numa-moe: warning: {msg}; continuing with the kernel's default placement"));
-                degraded = Some(msg);
+                degraded = Some(msg.message);
             }
         }
         let (replicas, warnings) = Replicas::new(&plan, bind, reservation.strictness, strict)?;

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::Mutex;
 
 use super::coverage::Coverage;
+use crate::error::{Error, ErrorCode};
 use crate::memory::{Region, Strictness};
 use crate::placement::TensorPlan;
 
@@ -31,7 +32,7 @@ impl Replicas {
     /// Makes and binds the copies `plan` asks for beyond the primary. A copy that cannot be
     /// made is `None` with the reason in the returned warnings (its node then reads the
     /// primary), unless `strict`, where the first failure is the error.
-    pub fn new(plan: &TensorPlan, bind: bool, strictness: Strictness, strict: bool) -> Result<(Replicas, Vec<String>), String> {
+    pub fn new(plan: &TensorPlan, bind: bool, strictness: Strictness, strict: bool) -> Result<(Replicas, Vec<String>), Error> {
         let bytes = plan.tensor.bytes() as usize;
         let mut regions = Vec::new();
         let mut warnings = Vec::new();
@@ -48,7 +49,7 @@ impl Replicas {
             });
             match made {
                 Ok(r) => regions.push(Some(r)),
-                Err(msg) if strict => return Err(msg),
+                Err(msg) if strict => return Err(Error::new(ErrorCode::SystemError, msg)),
                 Err(msg) => {
                     warnings.push(msg);
                     regions.push(None);

@@ -107,7 +107,7 @@ pub unsafe extern "C" fn numa_moe_stats_get(out: *mut NumaMoeStats) -> NumaMoeRe
 }
 
 pub(crate) fn rt() -> Result<&'static crate::config::Runtime, Fail> {
-    runtime().map_err(|e| Fail::new(NumaMoeResult::TopologyUnavailable, e))
+    runtime().map_err(Fail::from)
 }
 
 /// The library version ("0.1.0"). A static string: do not free it.

@@ -211,7 +211,7 @@ unsafe extern "C" fn buf_init_tensor(b: *mut raw::ggml_backend_buffer, tensor: *
             Ok(()) => raw::GGML_STATUS_SUCCESS,
             Err(e) => {
                 crate::log::error(&format!("numa-moe: {e}"));
-                super::set_last_error(e);
+                super::set_last_error(e.message);
                 raw::GGML_STATUS_FAILED
             }
         }

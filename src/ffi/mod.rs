@@ -31,6 +31,9 @@ pub enum NumaMoeResult {
     SystemError = 6,
     /// The output buffer is too small (the message says how large it must be).
     BufferTooSmall = 7,
+    /// A node (or the process's cgroup) has too little memory for what the plan puts there,
+    /// or memory could not be reserved.
+    OutOfMemory = 8,
     /// numa-moe panicked; the message says where. The process state is otherwise intact.
     Panic = 255,
 }
@@ -54,6 +57,26 @@ pub struct Fail(pub NumaMoeResult, pub String);
 impl Fail {
     pub fn new(code: NumaMoeResult, msg: impl Into<String>) -> Self {
         Fail(code, msg.into())
+    }
+}
+
+impl From<crate::error::ErrorCode> for NumaMoeResult {
+    fn from(c: crate::error::ErrorCode) -> Self {
+        use crate::error::ErrorCode as C;
+        match c {
+            C::InvalidArgument => NumaMoeResult::InvalidArgument,
+            C::InvalidMap => NumaMoeResult::InvalidMap,
+            C::TopologyUnavailable => NumaMoeResult::TopologyUnavailable,
+            C::NotPlaced => NumaMoeResult::NotPlaced,
+            C::SystemError => NumaMoeResult::SystemError,
+            C::OutOfMemory => NumaMoeResult::OutOfMemory,
+        }
+    }
+}
+
+impl From<crate::error::Error> for Fail {
+    fn from(e: crate::error::Error) -> Self {
+        Fail(e.code.into(), e.message)
     }
 }
 
