@@ -184,6 +184,13 @@ impl PolicyMode {
 }
 
 /// The system page size.
+/// Restores the default action for SIGPIPE (the Rust runtime ignores it, so a closed pipe
+/// turns every print into a panic): a command-line tool piped into `head` then just ends.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 pub fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -242,3 +242,23 @@ fn cli_numbers_are_checked() {
     assert_eq!(code, 1);
     assert!(err.contains("--pid ../../etc is not a process id"), "{err}");
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `numa-moe topology | head -1` on a big machine: the reader goes away early
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_numa-moe"))
+        .arg("topology")
+        .env("NUMA_MOE_TOPOLOGY", "package:2 numa:64 core:4 pu:2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then the pipe closes
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child.wait().unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -343,6 +343,7 @@ fn policy_nodes(policy: &str) -> Vec<u32> {
 }
 
 fn main() -> ExitCode {
+    numa_moe::sys::default_sigpipe();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = match args.split_first() {
         Some((c, r)) => (c.as_str(), r),
