@@ -259,8 +259,8 @@ impl Runtime {
     /// the node's free memory ([`crate::topology::node_free_from_meminfo`]), and over all nodes
     /// what the process's cgroup still allows (memory.max minus memory.current). Both count
     /// only what live buffers reserved and have not allocated yet (pages already allocated
-    /// are no longer free). Err((bytes still to allocate on the node, bytes it can give)).
-    pub fn reserve(&self, node: u32, bytes: u64) -> Result<(), (u64, u64)> {
+    /// are no longer free). Err: what is short, and which limit.
+    pub fn reserve(&self, node: u32, bytes: u64) -> Result<(), Shortfall> {
         let mut r = self.reserved.lock();
         if self.topology.is_host() {
             let node_free = self.memory.node_free(node).or_else(|| self.topology.node(node).map(|n| n.budget_bytes())).unwrap_or(0);
@@ -269,9 +269,10 @@ impl Runtime {
                 let pending = |n: u32| r.get(&n).copied().unwrap_or(0).saturating_sub(resident.get(&n).copied().unwrap_or(0));
                 let need = pending(node).saturating_add(bytes);
                 let others: u64 = r.keys().filter(|&&n| n != node).map(|&n| pending(n)).sum();
-                let have = cgroup.map_or(node_free, |c| node_free.min(c.saturating_sub(others)));
+                let by_cgroup = cgroup.map(|c| c.saturating_sub(others)).filter(|&c| c < node_free);
+                let have = by_cgroup.unwrap_or(node_free);
                 if need > have {
-                    Err((need, have))
+                    Err(Shortfall { need, have, cgroup: by_cgroup.is_some() })
                 } else {
                     Ok(())
                 }
@@ -340,6 +341,16 @@ fn unbound_note(e: &crate::sys::SysError) -> String {
     format!("cannot bind expert memory ({e}); placement is the kernel's default, not bound and not verified")
 }
 
+/// Why a node cannot take what a plan puts there: `need` bytes still to allocate there
+/// against `have`, the node's free memory or, when tighter (`cgroup`), what the process's
+/// cgroup still allows over all nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortfall {
+    pub need: u64,
+    pub have: u64,
+    pub cgroup: bool,
+}
+
 /// The process runtime, created from the environment on first use.
 pub fn runtime() -> Result<&'static Runtime, Error> {
     RUNTIME.get_or_init(Runtime::from_env).as_ref().map_err(|e| e.clone())
@@ -399,13 +410,13 @@ mod tests {
     fn the_budget_reads_free_memory_when_it_checks() {
         let (rt, root) = host("fresh", 1, "rows");
         assert_eq!(rt.reserve(0, 500 << 10), Ok(()));
-        assert_eq!(rt.reserve(0, 600 << 10), Err((1100 << 10, 1000 << 10)));
+        assert_eq!(rt.reserve(0, 600 << 10), Err(Shortfall { need: 1100 << 10, have: 1000 << 10, cgroup: false }));
         // memory freed by others since the topology was read counts
         set_free_kib(&root, 0, 2000);
         assert_eq!(rt.reserve(0, 600 << 10), Ok(()));
         // and memory taken by others since then is missing
         set_free_kib(&root, 0, 1000);
-        assert_eq!(rt.reserve(0, 1), Err(((1100 << 10) + 1, 1000 << 10)));
+        assert_eq!(rt.reserve(0, 1), Err(Shortfall { need: (1100 << 10) + 1, have: 1000 << 10, cgroup: false }));
         rt.release(0, 1100 << 10);
         assert_eq!(rt.reserve(0, 1000 << 10), Ok(()));
         fs::remove_dir_all(root).unwrap();
@@ -420,7 +431,7 @@ mod tests {
         fs::write(root.join("cgroupfs/job/memory.current"), format!("{}\n", 100 << 10)).unwrap();
         assert_eq!(rt.reserve(0, 800 << 10), Ok(()));
         // node 1 has 1000 KiB free, but the cgroup allows 1500 KiB of which node 0 took 800
-        assert_eq!(rt.reserve(1, 800 << 10), Err((800 << 10, 700 << 10)));
+        assert_eq!(rt.reserve(1, 800 << 10), Err(Shortfall { need: 800 << 10, have: 700 << 10, cgroup: true }));
         assert_eq!(rt.reserve(1, 700 << 10), Ok(()));
         fs::remove_dir_all(root).unwrap();
     }
@@ -433,7 +444,7 @@ mod tests {
         set_free_kib(&root, 0, 200);
         fs::write(root.join("numa_maps"), "7f0000000000 bind:0 anon=200 dirty=200 N0=200 kernelpagesize_kB=4\n").unwrap();
         assert_eq!(rt.reserve(0, 150 << 10), Ok(()));
-        assert_eq!(rt.reserve(0, 100 << 10), Err((250 << 10, 200 << 10)));
+        assert_eq!(rt.reserve(0, 100 << 10), Err(Shortfall { need: 250 << 10, have: 200 << 10, cgroup: false }));
         fs::remove_dir_all(root).unwrap();
     }
 

@@ -23,13 +23,17 @@ pub struct Reservation {
 pub fn reserve(rt: &Runtime, plan: &TensorPlan, strict: bool) -> Result<Reservation, Error> {
     let loads = plan.bytes_per_node();
     for (i, &(node, b)) in loads.iter().enumerate() {
-        if let Err((need, have)) = rt.reserve(node, b) {
+        if let Err(s) = rt.reserve(node, b) {
+            let limit = if s.cgroup {
+                format!("the process's cgroup (memory.max) allows {} more", format_gib(s.have))
+            } else {
+                format!("the node has {} free", format_gib(s.have))
+            };
             let msg = format!(
-                "cannot place {} on node {node}: expert memory planned there would reach {} but the node has {} free ({} short)",
+                "cannot place {} on node {node}: expert memory planned there would reach {} but {limit} ({} short)",
                 plan.tensor.name,
-                format_gib(need),
-                format_gib(have),
-                format_gib(need.saturating_sub(have))
+                format_gib(s.need),
+                format_gib(s.need.saturating_sub(s.have))
             );
             if strict {
                 for &(n, b) in &loads[..i] {
