@@ -15,7 +15,7 @@ VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 CFLAGS_T   := -O2 -g -Wall -Wextra -Werror -std=c11
 export NUMA_MOE_LLAMA_SRC := $(LLAMA_SRC)
 
-.PHONY: help setup source llama llama-linked lib header header-check harness greedy models \
+.PHONY: help setup source llama llama-linked lib header header-check harness greedy two-contexts models \
         test test-rust test-c test-e2e test-numa demo bench clean
 
 help:
@@ -64,6 +64,13 @@ $(ROOT)/build/greedy: tests/e2e/greedy.c llama
 
 greedy: $(ROOT)/build/greedy
 
+# two contexts on one model decoding at once from two threads, against one context alone
+$(ROOT)/build/two_contexts: tests/e2e/two_contexts.c llama
+	$(CC) $(CFLAGS_T) -I$(LLAMA_SRC)/include -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lllama -lggml-base \
+	    -Wl,-rpath,$(LLAMA_BIN) -pthread
+
+two-contexts: $(ROOT)/build/two_contexts
+
 $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 	$(CC) -O2 -Wall -Wextra -Werror -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lggml-base -lggml \
 	    -Wl,-rpath,$(LLAMA_BIN) -lm -lpthread
@@ -72,7 +79,7 @@ $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 models: llama $(ROOT)/build/make-moe-model
 	@scripts/models.sh
 
-test: setup llama header-check harness greedy models llama-linked
+test: setup llama header-check harness greedy two-contexts models llama-linked
 	@scripts/test.sh all
 
 test-rust: source
@@ -81,7 +88,7 @@ test-rust: source
 test-c: harness
 	@scripts/test.sh c
 
-test-e2e: lib llama greedy models llama-linked
+test-e2e: lib llama greedy two-contexts models llama-linked
 	@scripts/test.sh e2e
 
 test-numa: lib llama harness greedy models

@@ -2,7 +2,8 @@
 # End to end against the pinned, patched llama.cpp: every MoE test model generates the same
 # tokens with numa-moe as without it, under each map, on this machine and on described
 # multi-node machines; llama-perplexity's KL divergence against stock logits is 0; the
-# numa-moe tool's plan of a real model adds up; a bad map stops llama.cpp before loading.
+# numa-moe tool's plan of a real model adds up; a bad map stops llama.cpp before loading; two
+# contexts computing at once on one model give the logits of one context alone.
 #
 # Prints one line per failure and `N passed, N failed`. Expects make llama lib models.
 set -uo pipefail
@@ -195,6 +196,26 @@ if [ -x "$linked" ]; then
 else
     fail "missing $linked (make llama-linked)"
 fi
+
+# 7. two contexts on one model decoding different prompts at once from two threads
+# (tests/e2e/two_contexts.c): every step's logits bit-identical to one context alone, stock and
+# with numa-moe on a described 2-node machine and on this one (f16 experts, which numa-moe
+# computes on one node too)
+for machine in stock two host; do
+    case $machine in
+        stock) topo=stock ;;
+        two) topo=$TWO ;;
+        host) topo=host ;;
+    esac
+    log=$OUT/two_contexts.$machine
+    if ! NUMA_MOE_EXPERT_MAP=rows numa_moe "$topo" timeout 120 "$root/build/two_contexts" "$M/many/e48u6-f16.gguf" 16 > "$log" 2> "$log.err"; then
+        fail "two contexts at once [$machine]: $(grep -m2 -E "^FAIL|two contexts" "$log" | tr '\n' ' ')$(tail -2 "$log.err" | tr '\n' ' ')"
+    elif [ $machine != stock ] && ! grep -q "numa-moe: [0-9]* expert tensors" "$log.err"; then
+        fail "two contexts at once [$machine]: numa-moe placed no expert tensor"
+    else
+        pass
+    fi
+done
 
 [ ${#skipped[@]} -gt 0 ] && echo "e2e: skipped ${skipped[*]} (no stacked expert tensors in the file)"
 echo "e2e: $(( ${#models[@]} - ${#skipped[@]} )) MoE models compared"
