@@ -54,7 +54,11 @@ suite_c() {
 }
 
 suite_e2e() {
-    tests/e2e/run.sh
+    local rc=0
+    tests/e2e/run.sh || rc=1
+    echo "llama-server soak, 4 slots, stock against numa-moe (tests/e2e/soak.sh):"
+    tests/e2e/soak.sh || rc=1
+    return $rc
 }
 
 suite_numa() {
