@@ -44,14 +44,16 @@ numa_moe() {
 }
 
 # until_logged OUT ERR LAST COMMAND...: runs COMMAND > OUT 2> ERR (both into OUT when ERR is
-# the same file) and runs it again, three times in all, while ERR has no line matching LAST.
+# the same file) and runs it again, five times in all, while ERR has no line matching LAST.
 # llama.cpp's tools print through an asynchronous logger that can lose its last lines at
-# exit (their summaries: "eval time", "Final estimate"). Returns 0 once LAST is there, 1
-# when COMMAND fails (no retry: a crash is not a lost line) or LAST never came.
+# exit (their summaries: "eval time", "Final estimate"; upstream issue 22142: the logger is
+# never flushed at exit). On a busy machine that happens to every other llama-perplexity
+# run. Returns 0 once LAST is there, 1 when COMMAND fails (no retry: a crash is not a lost
+# line) or LAST never came.
 until_logged() {
     local out=$1 err=$2 last=$3 attempt
     shift 3
-    for attempt in 1 2 3; do
+    for attempt in 1 2 3 4 5; do
         if [ "$err" = "$out" ]; then
             "$@" > "$out" 2>&1 || return 1
         else

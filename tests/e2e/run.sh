@@ -106,7 +106,7 @@ for model in "$M"/many/*.gguf "$M"/archs/qwen3moe-moe.gguf "$M"/archs/deepseek2-
     ppl=(timeout 300 "$B/llama-perplexity" -m "$model" -f "$text" -c 128 -b 128 -t 2 --kl-divergence-base "$base")
     if ! ppl_run "$OUT/$name.ppl-base" "Final estimate" "${ppl[@]}" --no-repack ||
         ! ppl_run "$OUT/$name.ppl-stock" "^Same top p" "${ppl[@]}" --no-repack --kl-divergence; then
-        fail "$name: stock llama-perplexity failed: $(tail -2 "$OUT/$name.ppl-stock" | tr '\n' ' ')"
+        fail "$name: stock llama-perplexity failed: $(tail -qn2 "$OUT/$name.ppl-base" "$OUT/$name.ppl-stock" 2>/dev/null | tr '\n' ' ')"
         continue
     fi
     for machine in two four; do
