@@ -15,7 +15,7 @@ VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 CFLAGS_T   := -O2 -g -Wall -Wextra -Werror -std=c11
 export NUMA_MOE_LLAMA_SRC := $(LLAMA_SRC)
 
-.PHONY: help setup source llama llama-linked lib header header-check harness greedy models \
+.PHONY: help setup source llama llama-linked lib header header-check harness greedy two-contexts models \
         fault-lib mmid-bench lint test test-rust test-c test-e2e test-numa demo bench clean
 
 help:
@@ -93,6 +93,13 @@ lint: source
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 
+# two contexts on one model decoding at once from two threads, against one context alone
+$(ROOT)/build/two_contexts: tests/e2e/two_contexts.c llama
+	$(CC) $(CFLAGS_T) -I$(LLAMA_SRC)/include -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lllama -lggml-base \
+	    -Wl,-rpath,$(LLAMA_BIN) -pthread
+
+two-contexts: $(ROOT)/build/two_contexts
+
 $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 	$(CC) -O2 -Wall -Wextra -Werror -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lggml-base -lggml \
 	    -Wl,-rpath,$(LLAMA_BIN) -lm -lpthread
@@ -101,7 +108,7 @@ $(ROOT)/build/make-moe-model: tests/tools/make-moe-model.c llama
 models: llama $(ROOT)/build/make-moe-model
 	@scripts/models.sh
 
-test: setup llama header-check lint harness greedy models llama-linked fault-lib
+test: setup llama header-check lint harness greedy two-contexts models llama-linked fault-lib
 	@scripts/test.sh all
 
 test-rust: source
@@ -110,7 +117,7 @@ test-rust: source
 test-c: harness
 	@scripts/test.sh c
 
-test-e2e: lib llama greedy models llama-linked fault-lib
+test-e2e: lib llama greedy two-contexts models llama-linked fault-lib
 	@scripts/test.sh e2e
 
 test-numa: lib llama harness greedy models

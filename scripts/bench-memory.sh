@@ -5,20 +5,15 @@
 # resident set size for the same run. Prints a markdown table with the ratio to stock.
 set -uo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-B=$root/build/llama/bin
-LIB=$root/target/release/libnuma_moe.so
-MODEL=${MEM_MODEL:-$root/build/models/mem-e128u8-bf16.gguf}
+source "$(dirname "$0")/lib.sh"
+MODEL=${MEM_MODEL:-$M/mem-e128u8-bf16.gguf}
 OUT=$root/build/bench
 mkdir -p "$OUT"
-TWO="package:2 numa:1 core:1 pu:1"
 
 if [ ! -f "$MODEL" ]; then
     # Qwen3-30B-A3B expert shapes, 2 layers, bf16 experts (not repacked by ggml, so stock and
     # numa-moe both keep exactly one copy of each expert byte when it works)
-    build/make-moe-model --out "$MODEL" --experts 128 --used 8 --embd 2048 --ff 768 --layers 2 --vocab 1024 \
-        --heads 32 --head-kv 4 --head-dim 128 --type bf16 > /dev/null
+    "$GEN" --out "$MODEL" "${QWEN3_A3B_SHAPE[@]}" --layers 2 --type bf16 > /dev/null
 fi
 model_mib=$(( $(stat -c %s "$MODEL") >> 20 ))
 

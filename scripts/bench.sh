@@ -23,13 +23,9 @@
 #   BENCH_SKIP     space-separated parts to skip: op split e2e
 set -uo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-B=$root/build/llama/bin
-LIB=$root/target/release/libnuma_moe.so
-GEN=$root/build/make-moe-model
+source "$(dirname "$0")/lib.sh"
 OUT=$root/build/bench
-MODELS=$root/build/models
+MODELS=$M
 GGML_INC=$root/third_party/llama.cpp/ggml/include
 T=${BENCH_THREADS:-2}
 ROUNDS=${BENCH_ROUNDS:-4}
@@ -55,8 +51,8 @@ done
 
 # the op benchmark, with the C harness's flags (Makefile) and -pthread
 ${CC:-cc} -O2 -g -Wall -Wextra -Werror -std=c11 -Iinclude -I"$GGML_INC" tests/bench/mmid_bench.c -o build/mmid_bench \
-    -L"$root/target/release" -lnuma_moe -L"$B" -lggml-base -lggml-cpu -lggml \
-    -Wl,-rpath,"$root/target/release:$B" -lm -pthread || exit 2
+    -L"$(dirname "$LIB")" -lnuma_moe -L"$B" -lggml-base -lggml-cpu -lggml \
+    -Wl,-rpath,"$(dirname "$LIB"):$B" -lm -pthread || exit 2
 
 # share of all CPUs other processes kept busy over one second (we run nothing meanwhile)
 others_busy() {
@@ -88,7 +84,7 @@ skip() { [[ "$SKIP" == *" $1 "* ]]; }
 
 echo "# numa-moe benchmarks"
 echo
-echo "$(date -u '+%Y-%m-%d %H:%M UTC'), numa-moe $("$root/target/release/numa-moe" --version 2>/dev/null | awk '{print $NF}'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)'), libnuma_moe.so built $(date -u -r "$LIB" '+%Y-%m-%d %H:%M UTC'), $T threads"
+echo "$(date -u '+%Y-%m-%d %H:%M UTC'), numa-moe $("$CLI" --version 2>/dev/null | awk '{print $NF}'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)'), libnuma_moe.so built $(date -u -r "$LIB" '+%Y-%m-%d %H:%M UTC'), $T threads"
 echo
 echo "## Machine"
 echo
@@ -105,7 +101,7 @@ echo "| SIMD | $(grep -o -w -E 'avx2|avx512f|avx512_bf16|avx512_vnni|avx_vnni|am
 echo "| kernel, THP | $(uname -r), THP $(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null) |"
 echo
 echo '```'
-"$root/target/release/numa-moe" topology 2>&1 | head -12
+"$CLI" topology 2>&1 | head -12
 echo '```'
 echo
 
@@ -145,10 +141,10 @@ if ! skip split; then
     echo
     wait_quiet
     if [ "$QUICK" = 1 ]; then
-        NUMA_MOE_TOPOLOGY="package:2 numa:1 core:1 pu:1" build/mmid_bench --threads "$T" --quick --bw-gib 0 --no-control \
+        NUMA_MOE_TOPOLOGY="$TWO" build/mmid_bench --threads "$T" --quick --bw-gib 0 --no-control \
             | tee "$OUT/mmid-split.md"
     else
-        NUMA_MOE_TOPOLOGY="package:2 numa:1 core:1 pu:1" build/mmid_bench --threads "$T" --bw-gib 0 --no-control \
+        NUMA_MOE_TOPOLOGY="$TWO" build/mmid_bench --threads "$T" --bw-gib 0 --no-control \
             | tee "$OUT/mmid-split.md"
     fi
     echo
@@ -285,8 +281,8 @@ if ! skip e2e; then
     echo
     # qwen3_like PATH TYPE LAYERS: Qwen3-30B-A3B's expert shapes, written once
     qwen3_like() {
-        [ -f "$1" ] || "$GEN" --out "$1" --experts 128 --used 8 --embd 2048 --ff 768 --layers "$3" --vocab 1024 --heads 32 \
-            --head-kv 4 --head-dim 128 --type "$2" > /dev/null 2>&1 || { echo "bench: make-moe-model failed" >&2; exit 2; }
+        [ -f "$1" ] || "$GEN" --out "$1" "${QWEN3_A3B_SHAPE[@]}" --layers "$3" --type "$2" > /dev/null 2>&1 ||
+            { echo "bench: make-moe-model failed" >&2; exit 2; }
     }
     Q4K=$MODELS/qwen3moe-a3b-4l-q4_K.gguf
     qwen3_like "$Q4K" q4_K 4

@@ -4,12 +4,8 @@
 # placement of a running server.
 set -uo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-B=$root/build/llama/bin
-LIB=$root/target/release/libnuma_moe.so
-CLI=$root/target/release/numa-moe
-MODEL=$root/build/models/demo-e64u8-f16.gguf
+source "$(dirname "$0")/lib.sh"
+MODEL=$M/demo-e64u8-f16.gguf
 OUT=$root/build/demo
 mkdir -p "$OUT"
 
@@ -18,7 +14,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 if [ ! -f "$MODEL" ]; then
     # 64 experts, 8 used per token, 4 layers; f16 experts (ggml's CPU_REPACK does not take
     # f16, so numa-moe places them even on a one-node machine)
-    build/make-moe-model --out "$MODEL" --experts 64 --used 8 --embd 512 --ff 256 --layers 4 \
+    "$GEN" --out "$MODEL" --experts 64 --used 8 --embd 512 --ff 256 --layers 4 \
         --vocab 512 --heads 8 --head-kv 2 --type f16 --seed 11 > /dev/null
 fi
 
@@ -33,27 +29,17 @@ say "the same model planned for a 2-socket EPYC in NPS4, 8 nodes (numa-moe plan 
 
 say "llama-completion with LD_PRELOAD=libnuma_moe.so --numa-expert-map rows"
 ok=0
-for attempt in 1 2 3; do
-    LD_PRELOAD=$LIB "$B/llama-completion" -m "$MODEL" -p "Once upon a time" -n 48 --temp 0 --seed 1 -no-cnv -t 2 \
-        --numa-expert-map rows -v > "$OUT/completion.out" 2> "$OUT/completion.err"
-    # llama.cpp's asynchronous logger can drop its last lines at exit; run again if it did
-    if grep -q "eval time" "$OUT/completion.err"; then
-        ok=1
-        break
-    fi
-done
+until_logged "$OUT/completion.out" "$OUT/completion.err" "eval time" env LD_PRELOAD="$LIB" "$B/llama-completion" -m "$MODEL" \
+    -p "Once upon a time" -n 48 --temp 0 --seed 1 -no-cnv -t 2 --numa-expert-map rows -v && ok=1
 grep -E " [IWE] numa-moe|NUMA_MOE model buffer size = +[1-9]" "$OUT/completion.err" | sed 's/^[0-9.]* [A-Z] //'
 echo "generated: $(head -c 400 "$OUT/completion.out")"
 grep -E "eval time" "$OUT/completion.err" | sed 's/^[0-9.]* [A-Z] //'
-[ $ok = 1 ] || echo "(llama-completion's log was cut short three times; see $OUT/completion.err)"
+[ $ok = 1 ] || echo "(llama-completion failed or its log was cut short three times; see $OUT/completion.err)"
 
 if [ "$("$CLI" topology --json | grep -o '"id":' | wc -l)" -lt 2 ]; then
     say "one node here: the same run planned for a described 2-socket machine (NUMA_MOE_TOPOLOGY; memory not bound)"
-    for attempt in 1 2 3; do
-        NUMA_MOE_TOPOLOGY=$root/tests/topologies/xeon-2s.xml LD_PRELOAD=$LIB "$B/llama-completion" -m "$MODEL" \
-            -p "Once upon a time" -n 16 --temp 0 --seed 1 -no-cnv -t 2 --numa-expert-map rows -v > "$OUT/described.out" 2> "$OUT/described.err"
-        grep -q "eval time" "$OUT/described.err" && break
-    done
+    until_logged "$OUT/described.out" "$OUT/described.err" "eval time" numa_moe "$root/tests/topologies/xeon-2s.xml" \
+        "$B/llama-completion" -m "$MODEL" -p "Once upon a time" -n 16 --temp 0 --seed 1 -no-cnv -t 2 --numa-expert-map rows -v
     grep -E " [IWE] numa-moe" "$OUT/described.err" | sed 's/^[0-9.]* [A-Z] //'
     text=$(tr -d '\n' < "$OUT/described.out")
     if [ -n "$text" ] && [ "$(head -c ${#text} "$OUT/completion.out")" = "$text" ]; then
@@ -64,10 +50,7 @@ fi
 say "a running llama-server, checked from outside (numa-moe verify --pid)"
 LD_PRELOAD=$LIB "$B/llama-server" -m "$MODEL" --numa-expert-map rows -t 2 --port 0 > "$OUT/server.log" 2>&1 &
 server=$!
-for _ in $(seq 1 300); do
-    grep -q "server is listening\|model loaded" "$OUT/server.log" 2>/dev/null && break
-    sleep 0.1
-done
+wait_log "$OUT/server.log" "server is listening\|model loaded" 30
 "$CLI" verify --pid "$server"
 kill "$server" 2>/dev/null
 wait "$server" 2>/dev/null

@@ -4,11 +4,7 @@
 #                        (its own test-llama-archs -o; 2 experts, both used)
 #   build/models/many/   many experts, few used, several quant types (tests/tools/make-moe-model)
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
-B=build/llama/bin
-M=build/models
-GEN=build/make-moe-model
+source "$(dirname "$0")/lib.sh"
 
 stamp_archs=$(sha256sum "$B/test-llama-archs" | cut -c1-16)
 if [ "$(cat "$M/archs/.stamp" 2>/dev/null)" != "$stamp_archs" ]; then
@@ -19,14 +15,14 @@ if [ "$(cat "$M/archs/.stamp" 2>/dev/null)" != "$stamp_archs" ]; then
     echo "$stamp_archs" > "$M/archs/.stamp"
 fi
 
-stamp_many=$(cat "$GEN" "$0" | sha256sum | cut -c1-16)
+stamp_many=$({ cat "$GEN" "$root/scripts/models.sh"; echo "${SMALL_SHAPE[*]}"; } | sha256sum | cut -c1-16)
 if [ "$(cat "$M/many/.stamp" 2>/dev/null)" != "$stamp_many" ]; then
     rm -rf "$M/many"
     mkdir -p "$M/many"
     gen() {
         local name=$1
         shift
-        "$GEN" --out "$M/many/$name.gguf" --layers 2 --vocab 256 --embd 256 --heads 4 --head-kv 2 "$@" > /dev/null
+        "$GEN" --out "$M/many/$name.gguf" "${SMALL_SHAPE[@]}" "$@" > /dev/null
     }
     gen e32u4-q8_0    --experts 32  --used 4 --ff 256 --type q8_0   --seed 1
     gen e64u8-q4_K    --experts 64  --used 8 --ff 256 --type q4_K   --seed 2

@@ -2,44 +2,17 @@
 # End to end against the pinned, patched llama.cpp: every MoE test model generates the same
 # tokens with numa-moe as without it, under each map, on this machine and on described
 # multi-node machines; llama-perplexity's KL divergence against stock logits is 0; the
-# numa-moe tool's plan of a real model adds up; a bad map stops llama.cpp before loading.
+# numa-moe tool's plan of a real model adds up; a bad map stops llama.cpp before loading; two
+# contexts computing at once on one model give the logits of one context alone.
 #
 # Prints one line per failure and `N passed, N failed`. Expects make llama lib models.
 set -uo pipefail
 
-root=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$root"
-B=$root/build/llama/bin
-LIB=$root/target/release/libnuma_moe.so
-CLI=$root/target/release/numa-moe
-M=$root/build/models
+source "$(dirname "$0")/../../scripts/lib.sh"
 OUT=$root/build/e2e
 rm -rf "$OUT"
 mkdir -p "$OUT"
-
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); }
-fail() {
-    failed=$((failed + 1))
-    echo "FAIL $*"
-}
-
-TWO="package:2 numa:1 core:1 pu:1"
-FOUR="package:2 numa:2 core:1 pu:1"
 PROMPT="The quick brown fox jumps over the lazy dog"
-GREEDY=$root/build/greedy
-
-# numa_moe TOPOLOGY COMMAND...: runs COMMAND with libnuma_moe.so preloaded (or not, for "stock")
-numa_moe() {
-    local topo=$1
-    shift
-    if [ "$topo" = stock ]; then
-        "$@"
-    else
-        NUMA_MOE_TOPOLOGY=$topo LD_PRELOAD=$LIB "$@"
-    fi
-}
 
 # greedy TOPOLOGY MAP MODEL OUT [args]: 16 greedy tokens and the bit hash of every step's logits
 # (tests/e2e/greedy.c: llama.cpp's API, printed synchronously; llama-completion's asynchronous
@@ -103,14 +76,9 @@ done
 # 1b. llama-completion with the --numa-expert-map flag (llama.cpp's own front end), retried
 # when its logger drops the output at exit
 completion_ok=0
-for attempt in 1 2 3; do
-    NUMA_MOE_TOPOLOGY=$TWO LD_PRELOAD=$LIB timeout 120 "$B/llama-completion" -m "$M/many/e32u4-q8_0.gguf" -p "$PROMPT" -n 12 \
-        --temp 0 --seed 1 -no-cnv -t 2 -c 256 -v --numa-expert-map rows > "$OUT/completion.out" 2> "$OUT/completion.err"
-    if grep -q "eval time" "$OUT/completion.err"; then
-        completion_ok=1
-        break
-    fi
-done
+until_logged "$OUT/completion.out" "$OUT/completion.err" "eval time" \
+    numa_moe "$TWO" timeout 120 "$B/llama-completion" -m "$M/many/e32u4-q8_0.gguf" -p "$PROMPT" -n 12 \
+    --temp 0 --seed 1 -no-cnv -t 2 -c 256 -v --numa-expert-map rows && completion_ok=1
 if [ $completion_ok = 1 ] && grep -q 'numa-moe: 6 expert tensors .* placed by map "rows" (--numa-expert-map)' "$OUT/completion.err" &&
     grep -q "numa-moe: node 0: .* | node 1: " "$OUT/completion.err"; then
     pass
@@ -125,16 +93,12 @@ fi
 text=$OUT/kld.txt
 for i in $(seq 1 60); do echo "Line $i of a text long enough for two chunks of perplexity; the fox keeps jumping."; done > "$text"
 kld_stats() { sed -n '/^====== Perplexity statistics/,$p' "$1"; }
-# ppl_run OUT LAST COMMAND...: retries when llama.cpp's logger dropped the output's last line
-# (matching LAST) at exit
+# ppl_run OUT LAST COMMAND...: llama-perplexity's output in OUT, retried when llama.cpp's
+# logger lost its last line (matching LAST) at exit
 ppl_run() {
-    local out=$1 last=$2
-    shift 2
-    for attempt in 1 2 3; do
-        "$@" > "$out" 2>&1 || return 1
-        grep -q "$last" "$out" && return 0
-    done
-    return 1
+    local out=$1
+    shift
+    until_logged "$out" "$out" "$@"
 }
 for model in "$M"/many/*.gguf "$M"/archs/qwen3moe-moe.gguf "$M"/archs/deepseek2-moe.gguf "$M"/archs/gpt-oss-moe.gguf "$M"/archs/llama4-moe.gguf; do
     name=$(basename "$model" .gguf)
@@ -142,7 +106,7 @@ for model in "$M"/many/*.gguf "$M"/archs/qwen3moe-moe.gguf "$M"/archs/deepseek2-
     ppl=(timeout 300 "$B/llama-perplexity" -m "$model" -f "$text" -c 128 -b 128 -t 2 --kl-divergence-base "$base")
     if ! ppl_run "$OUT/$name.ppl-base" "Final estimate" "${ppl[@]}" --no-repack ||
         ! ppl_run "$OUT/$name.ppl-stock" "^Same top p" "${ppl[@]}" --no-repack --kl-divergence; then
-        fail "$name: stock llama-perplexity failed: $(tail -2 "$OUT/$name.ppl-stock" | tr '\n' ' ')"
+        fail "$name: stock llama-perplexity failed: $(tail -qn2 "$OUT/$name.ppl-base" "$OUT/$name.ppl-stock" 2>/dev/null | tr '\n' ' ')"
         continue
     fi
     for machine in two four; do
@@ -226,17 +190,33 @@ done
 linked=$root/build/llama-linked/bin/llama-completion
 if [ -x "$linked" ]; then
     ok=0
-    for attempt in 1 2 3; do
-        NUMA_MOE_TOPOLOGY=$TWO "$linked" -m "$M/many/e32u4-q8_0.gguf" -p "$PROMPT" -n 4 --temp 0 -no-cnv -t 2 -c 256 -v \
-            --numa-expert-map rows > "$OUT/linked.out" 2> "$OUT/linked.err"
-        grep -q "eval time" "$OUT/linked.err" && { ok=1; break; }
-    done
+    until_logged "$OUT/linked.out" "$OUT/linked.err" "eval time" env NUMA_MOE_TOPOLOGY="$TWO" "$linked" -m "$M/many/e32u4-q8_0.gguf" \
+        -p "$PROMPT" -n 4 --temp 0 -no-cnv -t 2 -c 256 -v --numa-expert-map rows && ok=1
     if [ $ok = 1 ] && grep -q "numa-moe: 6 expert tensors" "$OUT/linked.err"; then pass; else fail "GGML_NUMA_MOE_LINK build: no placement report"; fi
 else
     fail "missing $linked (make llama-linked)"
 fi
 
+# 7. two contexts on one model decoding different prompts at once from two threads
+# (tests/e2e/two_contexts.c): every step's logits bit-identical to one context alone, stock and
+# with numa-moe on a described 2-node machine and on this one (f16 experts, which numa-moe
+# computes on one node too)
+for machine in stock two host; do
+    case $machine in
+        stock) topo=stock ;;
+        two) topo=$TWO ;;
+        host) topo=host ;;
+    esac
+    log=$OUT/two_contexts.$machine
+    if ! NUMA_MOE_EXPERT_MAP=rows numa_moe "$topo" timeout 120 "$root/build/two_contexts" "$M/many/e48u6-f16.gguf" 16 > "$log" 2> "$log.err"; then
+        fail "two contexts at once [$machine]: $(grep -m2 -E "^FAIL|two contexts" "$log" | tr '\n' ' ')$(tail -2 "$log.err" | tr '\n' ' ')"
+    elif [ $machine != stock ] && ! grep -q "numa-moe: [0-9]* expert tensors" "$log.err"; then
+        fail "two contexts at once [$machine]: numa-moe placed no expert tensor"
+    else
+        pass
+    fi
+done
+
 [ ${#skipped[@]} -gt 0 ] && echo "e2e: skipped ${skipped[*]} (no stacked expert tensors in the file)"
 echo "e2e: $(( ${#models[@]} - ${#skipped[@]} )) MoE models compared"
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary
