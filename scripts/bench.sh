@@ -42,17 +42,12 @@ fi
 mkdir -p "$OUT" "$MODELS"
 start=$SECONDS
 
-for f in "$LIB" "$B/llama-bench" "$B/libggml-cpu.so" "$GEN"; do
+for f in "$LIB" "$B/llama-bench" "$B/libggml-cpu.so" "$GEN" "$root/build/mmid_bench"; do
     if [ ! -e "$f" ]; then
-        echo "bench: $f is missing: run make lib llama build/make-moe-model (or make bench)" >&2
+        echo "bench: $f is missing: run make bench (it builds them: lib, llama, build/make-moe-model, build/mmid_bench)" >&2
         exit 2
     fi
 done
-
-# the op benchmark, with the C harness's flags (Makefile) and -pthread
-${CC:-cc} -O2 -g -Wall -Wextra -Werror -std=c11 -Iinclude -I"$GGML_INC" tests/bench/mmid_bench.c -o build/mmid_bench \
-    -L"$(dirname "$LIB")" -lnuma_moe -L"$B" -lggml-base -lggml-cpu -lggml \
-    -Wl,-rpath,"$(dirname "$LIB"):$B" -lm -pthread || exit 2
 
 # share of all CPUs other processes kept busy over one second (we run nothing meanwhile)
 others_busy() {
