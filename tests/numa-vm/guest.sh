@@ -117,5 +117,15 @@ PINS
     done
 fi
 
+# 5. llama-server under load: 4 slots, continuous batching, concurrent clients, against stock
+#    (tests/numa-vm/guest-soak.sh); in the 2- and 4-node guests
+case "$NUMA_VM_SCENARIO" in
+    two-node | four-node)
+        out=$(ROOT=$ROOT M=$M LIB=$LIB CLI=$CLI sh "$ROOT/tests/numa-vm/guest-soak.sh" 2>&1)
+        echo "$out"
+        if echo "$out" | grep -q "^ok   soak"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+        ;;
+esac
+
 echo "guest $NUMA_VM_SCENARIO: $passed passed, $failed failed"
 [ $failed -eq 0 ]

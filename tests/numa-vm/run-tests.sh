@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make test-numa: numa-moe on emulated multi-node machines. Builds one initramfs with the C
-# harness, the greedy driver, the numa-moe tool, libnuma_moe.so, the patched llama.cpp
-# libraries and two small MoE models, boots it in every scenario of run-guest.sh (2 nodes,
+# harness, the greedy driver, llama-server, the numa-moe tool, libnuma_moe.so, the patched
+# llama.cpp libraries and two small MoE models, boots it in every scenario of run-guest.sh (2 nodes,
 # 4 nodes with SLIT distances, uneven nodes, a memory-less node, a taskset-restricted
 # process), and sums what guest.sh reports. Fails on any failure or guest timeout.
 set -uo pipefail
@@ -16,6 +16,7 @@ TIMEOUT=${NUMA_VM_TIMEOUT:-900}
 files=(
     "$root/build/c/harness" "$root/build/greedy" "$root/target/release/numa-moe" "$root/target/release/libnuma_moe.so"
     "$root/build/models/many/e32u4-q8_0.gguf" "$root/build/models/archs/qwen3moe-moe.gguf"
+    "$root/build/llama/bin/llama-server" "$VM/guest-soak.sh"
 )
 for f in "${files[@]}"; do
     [ -e "$f" ] || { echo "numa-vm: missing $f (run make lib harness models)"; echo "0 passed, 1 failed"; exit 1; }
