@@ -63,7 +63,7 @@ $(ROOT)/build/c/fault_shim.so: tests/c/fault_shim.c
 harness: $(ROOT)/build/c/harness $(ROOT)/build/c/fault_shim.so
 
 # the end-to-end driver: greedy tokens and logits hashes through llama.cpp's C API
-$(ROOT)/build/greedy: tests/e2e/greedy.c llama
+$(ROOT)/build/greedy: tests/e2e/greedy.c tests/e2e/e2e_common.h llama
 	$(CC) $(CFLAGS_T) -I$(LLAMA_SRC)/include -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lllama -lggml-base -lggml-cpu \
 	    -Wl,-rpath,$(LLAMA_BIN)
 
@@ -94,7 +94,7 @@ lint: source
 	$(CARGO) clippy --release --all-targets -- -D warnings
 
 # two contexts on one model decoding at once from two threads, against one context alone
-$(ROOT)/build/two_contexts: tests/e2e/two_contexts.c llama
+$(ROOT)/build/two_contexts: tests/e2e/two_contexts.c tests/e2e/e2e_common.h llama
 	$(CC) $(CFLAGS_T) -I$(LLAMA_SRC)/include -I$(GGML_INC) $< -o $@ -L$(LLAMA_BIN) -lllama -lggml-base \
 	    -Wl,-rpath,$(LLAMA_BIN) -pthread
 

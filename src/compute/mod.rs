@@ -245,8 +245,8 @@ fn pin(rt: &Runtime, ith: usize) -> Option<u32> {
                     if !again {
                         crate::log::info(&format!(
                             "numa-moe: worker {ith} pinned to node {node}, CPUs {} (of {})",
-                            cpu_list(cpus),
-                            cpu_list(&allowed)
+                            crate::topology::render_cpu_list(cpus),
+                            crate::topology::render_cpu_list(&allowed)
                         ));
                     }
                 }
@@ -272,21 +272,6 @@ fn plan_node(p: &PinPlan) -> Option<u32> {
         PinPlan::Pin { node, .. } => Some(*node),
         PinPlan::Leave => None,
     }
-}
-
-/// "0-3,8,10-11"
-pub fn cpu_list(cpus: &[u32]) -> String {
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let mut j = i;
-        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
-            j += 1;
-        }
-        out.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
-        i = j + 1;
-    }
-    out.join(",")
 }
 
 /// This group's chunks of work, in the same order on every thread of the group.
@@ -321,12 +306,6 @@ fn chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_lists_are_compact() {
-        assert_eq!(cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
-        assert_eq!(cpu_list(&[]), "");
-    }
 
     #[test]
     fn chunks_cover_this_groups_rows_once_and_skip_tiled_pieces() {

@@ -429,6 +429,30 @@ static void fill_weights(struct ggml_tensor * w, uint8_t * out) {
     free(src);
 }
 
+// Computes mul_mat_id over the weights already in `e` (caller frees the result).
+static float * mmid_over(struct experts * e, const struct mmid_case * c, const float * act, const int32_t * ids, int n_threads) {
+    const int64_t ne11 = c->broadcast ? 1 : c->n_used;
+    struct ggml_init_params ip = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
+    struct ggml_context * ctx  = ggml_init(ip);
+    struct ggml_tensor *  b    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, ne11, c->n_tokens);
+    struct ggml_tensor *  id   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, c->n_used, c->n_tokens);
+    memcpy(b->data, act, ggml_nbytes(b));
+    memcpy(id->data, ids, ggml_nbytes(id));
+    struct ggml_tensor * out = ggml_mul_mat_id(ctx, e->w, b, id);
+    struct ggml_cgraph * gf  = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, out);
+    ggml_backend_t be = ggml_backend_cpu_init();
+    ggml_backend_cpu_set_n_threads(be, n_threads);
+    float * res = NULL;
+    if (ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS) {
+        res = malloc(ggml_nbytes(out));
+        memcpy(res, out->data, ggml_nbytes(out));
+    }
+    ggml_backend_free(be);
+    ggml_free(ctx);
+    return res;
+}
+
 // Runs the op with the weights in `buft`; returns the output (caller frees).
 static float * run_mmid(const struct mmid_case * c, ggml_backend_buffer_type_t buft, const uint8_t * wbytes,
                         const float * act, const int32_t * ids, int n_threads, const char * map) {
@@ -437,28 +461,7 @@ static float * run_mmid(const struct mmid_case * c, ggml_backend_buffer_type_t b
         return NULL;
     }
     ggml_backend_tensor_set(e.w, wbytes, 0, ggml_nbytes(e.w));
-
-    const int64_t ne11 = c->broadcast ? 1 : c->n_used;
-    struct ggml_init_params ip = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
-    struct ggml_context * ctx  = ggml_init(ip);
-    struct ggml_tensor *  b    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, ne11, c->n_tokens);
-    struct ggml_tensor *  id   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, c->n_used, c->n_tokens);
-    memcpy(b->data, act, ggml_nbytes(b));
-    memcpy(id->data, ids, ggml_nbytes(id));
-    struct ggml_tensor * out = ggml_mul_mat_id(ctx, e.w, b, id);
-    struct ggml_cgraph * gf  = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, out);
-
-    ggml_backend_t be = ggml_backend_cpu_init();
-    ggml_backend_cpu_set_n_threads(be, n_threads);
-    enum ggml_status st = ggml_backend_graph_compute(be, gf);
-    float *          res = NULL;
-    if (st == GGML_STATUS_SUCCESS) {
-        res = malloc(ggml_nbytes(out));
-        memcpy(res, out->data, ggml_nbytes(out));
-    }
-    ggml_backend_free(be);
-    ggml_free(ctx);
+    float * res = mmid_over(&e, c, act, ids, n_threads);
     experts_free(&e);
     return res;
 }
@@ -892,30 +895,6 @@ static void test_numa_workers_run_on_their_node(void) {
 
 // ---------------------------------------------------------------------------------------
 // replicas (mirror, a+b copies): every byte reaches every copy, whichever way it was written
-
-// Computes mul_mat_id over the weights already in `e` (caller frees the result).
-static float * mmid_over(struct experts * e, const struct mmid_case * c, const float * act, const int32_t * ids, int n_threads) {
-    const int64_t ne11 = c->broadcast ? 1 : c->n_used;
-    struct ggml_init_params ip = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
-    struct ggml_context * ctx  = ggml_init(ip);
-    struct ggml_tensor *  b    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, ne11, c->n_tokens);
-    struct ggml_tensor *  id   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, c->n_used, c->n_tokens);
-    memcpy(b->data, act, ggml_nbytes(b));
-    memcpy(id->data, ids, ggml_nbytes(id));
-    struct ggml_tensor * out = ggml_mul_mat_id(ctx, e->w, b, id);
-    struct ggml_cgraph * gf  = ggml_new_graph(ctx);
-    ggml_build_forward_expand(gf, out);
-    ggml_backend_t be = ggml_backend_cpu_init();
-    ggml_backend_cpu_set_n_threads(be, n_threads);
-    float * res = NULL;
-    if (ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS) {
-        res = malloc(ggml_nbytes(out));
-        memcpy(res, out->data, ggml_nbytes(out));
-    }
-    ggml_backend_free(be);
-    ggml_free(ctx);
-    return res;
-}
 
 static void test_replicas_cover_every_write(void) {
     if (node_count() < 2) {

@@ -10,23 +10,11 @@
 # Prints one line per failure and `N passed, N failed`. Expects make lib greedy models fault-lib.
 set -uo pipefail
 
-root=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$root"
-LIB=${LIB:-$root/target/release/libnuma_moe.so}
+source "$(dirname "$0")/../../scripts/lib.sh"
 FAULT_LIB=${FAULT_LIB:-$root/build/fault/libnuma_moe.so}
-GREEDY=${GREEDY:-$root/build/greedy}
-M=${M:-$root/build/models}
 OUT=$root/build/e2e-hardening
 rm -rf "$OUT"
 mkdir -p "$OUT"
-passed=0
-failed=0
-pass() { passed=$((passed + 1)); }
-fail() {
-    failed=$((failed + 1))
-    echo "FAIL $*"
-}
-TWO="package:2 numa:1 core:1 pu:1"
 PROMPT="The quick brown fox jumps over the lazy dog"
 model=$M/many/e32u4-q8_0.gguf
 
@@ -97,5 +85,5 @@ done
 run stock_tb - - stock --threads 2 --threads-batch 1
 run tb "$TWO" rows "$LIB" --threads 2 --threads-batch 1 && same tb stock_tb "threads 2, batch threads 1"
 
-echo "hardening: $passed passed, $failed failed"
-[ $failed -eq 0 ]
+echo -n "hardening: "
+summary
