@@ -28,6 +28,7 @@ pub mod log;
 pub mod memory;
 pub mod placement;
 pub mod report;
+pub mod routing;
 pub mod sys;
 pub mod topology;
 
