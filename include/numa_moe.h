@@ -245,6 +245,20 @@ typedef struct NumaMoeGgmlApi {
   bool (*stock_repacks)(const void*);
 } NumaMoeGgmlApi;
 
+/**
+ * The work one node's threads did in the ops numa-moe computed.
+ */
+typedef struct NumaMoeNodeWork {
+  /**
+   * Output rows computed (expert rows x routed tokens).
+   */
+  uint64_t rows;
+  /**
+   * Weight bytes read (each routed expert's rows once per op).
+   */
+  uint64_t bytes;
+} NumaMoeNodeWork;
+
 
 
 #ifdef __cplusplus
@@ -406,6 +420,47 @@ NumaMoeResult numa_moe_tensor_verify(const void *tensor, struct NumaMoePageRepor
  * `tensor` must be a live ggml tensor.
  */
 NumaMoeResult numa_moe_tensor_refresh(const void *tensor);
+
+/**
+ * Copies layer `layer`'s token-slots per expert (whole run into `tokens`, the recent
+ * window into `recent`, which may be NULL) for a model of `n_expert` experts.
+ * NUMA_MOE_RESULT_NOT_PLACED: nothing was recorded for that layer;
+ * NUMA_MOE_RESULT_INVALID_ARGUMENT: the layer has another expert count.
+ *
+ * # Safety
+ * `tokens` (and `recent` unless NULL) must be writable for `n_expert` values.
+ */
+NumaMoeResult numa_moe_routing_layer(uint32_t layer,
+                                     uint64_t *tokens,
+                                     uint64_t *recent,
+                                     size_t n_expert);
+
+/**
+ * What node `node`'s threads computed so far.
+ *
+ * # Safety
+ * `out` must be valid for writes.
+ */
+NumaMoeResult numa_moe_routing_node_work(uint32_t node, struct NumaMoeNodeWork *out);
+
+/**
+ * Writes what was recorded as a routing profile (JSON, docs/ROUTING.md) to `path`.
+ * NUMA_MOE_RESULT_NOT_PLACED: nothing was recorded yet.
+ *
+ * # Safety
+ * `path` must be NULL or a NUL-terminated string.
+ */
+NumaMoeResult numa_moe_routing_save(const char *path);
+
+/**
+ * Zeroes every routing counter.
+ */
+NumaMoeResult numa_moe_routing_reset(void);
+
+/**
+ * Turns recording on or off (on by default; NUMA_MOE_ROUTING_STATS=0 starts it off).
+ */
+NumaMoeResult numa_moe_routing_set_enabled(bool on);
 
 #ifdef __cplusplus
 }  // extern "C"

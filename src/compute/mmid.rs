@@ -74,7 +74,7 @@ impl MmidOp {
         self.ids.ne()[0] as usize
     }
 
-    fn n_tokens(&self) -> usize {
+    pub fn n_tokens(&self) -> usize {
         self.ids.ne()[1] as usize
     }
 

@@ -22,6 +22,7 @@
 //! op and the reason, instead of hanging or corrupting the output.
 
 pub mod mmid;
+pub mod stats;
 pub mod work;
 pub mod workers;
 
@@ -141,6 +142,12 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
     op.convert_src1(work);
     if ith == 0 {
         op.group_rows(work);
+        if stats::enabled() {
+            let t = &placed.plan.tensor;
+            if let Some(layer) = stats::layer_for(&t.name, t.layer, t.n_expert) {
+                layer.record(op.n_tokens() as u64, |e| op.routed(work, e) as u64);
+            }
+        }
     }
     injected_fault(work);
     api.barrier(&work.params);
@@ -156,15 +163,24 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
 
     // Experts stock computes with ggml's tiled K-quant kernel are computed the same way, each
     // piece by its whole group (the kernel partitions its rows by rank itself).
+    let record = stats::enabled();
+    let row_bytes = placed.plan.tensor.row_bytes;
+    let mut tally = stats::WorkTally::default();
     let mut tiled = Vec::new();
     for (expert, pieces) in placed.by_expert.iter().enumerate() {
-        if op.routed(work, expert) == 0 {
+        let routed = op.routed(work, expert) as u64;
+        if routed == 0 {
             continue;
         }
         for p in pieces.iter().filter(mine) {
             let base = placed.copy_base(primary, p.copy);
             if op.tiled(work, base, expert, p.rows.start as i64..p.rows.end as i64, rank, size) {
                 tiled.push((expert, p.rows.start));
+                if record && rank == 0 {
+                    let n = p.rows.end - p.rows.start;
+                    tally.rows += n * routed;
+                    tally.bytes += n * row_bytes;
+                }
             }
         }
     }
@@ -177,6 +193,14 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
         let i = work.claim(slot);
         let Some(&(expert, ref rows, copy)) = items.get(i) else { break };
         op.dot_rows(work, placed.copy_base(primary, copy), expert, rows.clone());
+        if record {
+            let n = (rows.end - rows.start) as u64;
+            tally.rows += n * op.routed(work, expert) as u64;
+            tally.bytes += n * row_bytes;
+        }
+    }
+    if record {
+        tally.flush(group);
     }
 }
 

@@ -50,6 +50,9 @@ pub unsafe extern "C" fn numa_moe_ggml_attach(api: *const NumaMoeGgmlApi) -> *mu
             }
         };
         let buft = BUFT.get_or_init(|| {
+            // the routing report and NUMA_MOE_ROUTING_OUT at exit (once per process)
+            // SAFETY: at_exit is a plain extern "C" function that never unwinds.
+            unsafe { libc::atexit(super::routing::at_exit) };
             let b = Box::new(raw::ggml_backend_buffer_type {
                 iface: raw::ggml_backend_buffer_type_i {
                     get_name: Some(buft_get_name),

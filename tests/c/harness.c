@@ -20,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #ifndef EXPECTED_VERSION
 #    error "build with -DEXPECTED_VERSION=\"x.y.z\" (the Cargo.toml version)"
@@ -985,6 +986,104 @@ static void test_replicas_cover_every_write(void) {
 }
 
 // ---------------------------------------------------------------------------------------
+// routing statistics: counted exactly from a known routing
+
+// An expert tensor named `name` in numa-moe's buffer, under the current map.
+static int named_experts(struct experts * e, const char * name, int64_t n_embd, int64_t n_ff, int64_t n_expert) {
+    struct ggml_init_params ip = { 2 * ggml_tensor_overhead(), NULL, true };
+    e->ctx   = ggml_init(ip);
+    e->w     = ggml_new_tensor_3d(e->ctx, GGML_TYPE_F32, n_embd, n_ff, n_expert);
+    e->plain = NULL;
+    ggml_set_name(e->w, name);
+    e->buf = ggml_backend_alloc_ctx_tensors_from_buft(e->ctx, numa_moe_buft());
+    return e->buf != NULL;
+}
+
+static void test_routing_counts_exactly(void) {
+    const struct mmid_case c = { GGML_TYPE_F32, 64, 96, 8, 2, 6, 1 };
+    CHECK(numa_moe_config_set_map("rows") == NUMA_MOE_RESULT_OK, "%s", last_error());
+    CHECK(numa_moe_routing_set_enabled(true) == NUMA_MOE_RESULT_OK);
+    CHECK(numa_moe_routing_reset() == NUMA_MOE_RESULT_OK);
+    struct experts down, up;
+    CHECK(named_experts(&down, "blk.5.ffn_down_exps.weight", c.n_embd, c.n_ff, c.n_expert), "%s", last_error());
+    CHECK(named_experts(&up, "blk.6.ffn_up_exps.weight", c.n_embd, c.n_ff, c.n_expert), "%s", last_error());
+    if (!down.buf || !up.buf) {
+        return;
+    }
+    uint8_t * w = malloc(ggml_nbytes(down.w));
+    fill_weights(down.w, w);
+    ggml_backend_tensor_set(down.w, w, 0, ggml_nbytes(down.w));
+    ggml_backend_tensor_set(up.w, w, 0, ggml_nbytes(up.w));
+    float * act = malloc(sizeof(float) * c.n_embd * c.n_tokens);
+    for (int64_t i = 0; i < c.n_embd * c.n_tokens; i++) {
+        act[i] = rnd_normal();
+    }
+    // token t goes to experts t % 8 and (t + 3) % 8; expert 7 gets nothing
+    int32_t  ids[12];
+    uint64_t want[8] = { 0 };
+    int      routed_experts = 0;
+    for (int t = 0; t < 6; t++) {
+        ids[2 * t]     = t % 8;
+        ids[2 * t + 1] = (t + 3) % 8;
+        want[t % 8]++;
+        want[(t + 3) % 8]++;
+    }
+    for (int x = 0; x < 8; x++) {
+        routed_experts += want[x] > 0;
+    }
+    float * out = mmid_over(&down, &c, act, ids, 2);
+    free(out);
+    out = mmid_over(&up, &c, act, ids, 2);
+    free(out);
+    uint64_t got[8], recent[8];
+    CHECK(numa_moe_routing_layer(5, got, recent, 8) == NUMA_MOE_RESULT_OK, "%s", last_error());
+    CHECK(memcmp(got, want, sizeof want) == 0, "layer 5 counts %llu %llu %llu %llu %llu %llu %llu %llu", (unsigned long long) got[0],
+          (unsigned long long) got[1], (unsigned long long) got[2], (unsigned long long) got[3], (unsigned long long) got[4],
+          (unsigned long long) got[5], (unsigned long long) got[6], (unsigned long long) got[7]);
+    CHECK(memcmp(recent, want, sizeof want) == 0, "layer 5's recent window differs from its counts");
+    // routing is counted once per layer, on its down projection
+    CHECK(numa_moe_routing_layer(6, got, NULL, 8) == NUMA_MOE_RESULT_NOT_PLACED);
+    CHECK(numa_moe_routing_layer(5, got, NULL, 7) == NUMA_MOE_RESULT_INVALID_ARGUMENT);
+    CHECK(numa_moe_routing_layer(5, NULL, NULL, 8) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    // rows and bytes, summed over nodes, for both ops: every routed (token, slot) needs all
+    // 96 rows of its expert; every routed expert's rows are read once per op
+    uint64_t rows = 0, bytes = 0;
+    for (int i = 0; i < node_count(); i++) {
+        NumaMoeNodeInfo info;
+        NumaMoeNodeWork nw;
+        numa_moe_topology_node_info((size_t) i, &info);
+        CHECK(numa_moe_routing_node_work(info.id, &nw) == NUMA_MOE_RESULT_OK);
+        rows += nw.rows;
+        bytes += nw.bytes;
+    }
+    CHECK(rows == 2u * 12u * 96u, "rows computed: %llu, want %u", (unsigned long long) rows, 2u * 12u * 96u);
+    CHECK(bytes == 2u * (uint64_t) routed_experts * 96u * 64u * 4u, "bytes read: %llu", (unsigned long long) bytes);
+    // the profile file, and nothing counted while recording is off
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/numa-moe-harness-routing-%d.json", (int) getpid());
+    CHECK(numa_moe_routing_save(path) == NUMA_MOE_RESULT_OK, "%s", last_error());
+    FILE * f = fopen(path, "r");
+    char   head[64] = { 0 };
+    CHECK(f && fread(head, 1, sizeof head - 1, f) > 0 && strstr(head, "numa_moe_routing"), "no profile in %s", path);
+    if (f) {
+        fclose(f);
+    }
+    remove(path);
+    numa_moe_routing_set_enabled(false);
+    out = mmid_over(&down, &c, act, ids, 2);
+    free(out);
+    numa_moe_routing_set_enabled(true);
+    CHECK(numa_moe_routing_layer(5, got, NULL, 8) == NUMA_MOE_RESULT_OK && memcmp(got, want, sizeof want) == 0,
+          "counted while recording was off");
+    numa_moe_routing_reset();
+    free(act);
+    free(w);
+    experts_free(&down);
+    experts_free(&up);
+    numa_moe_config_set_map("off");
+}
+
+// ---------------------------------------------------------------------------------------
 
 struct test {
     const char * name;
@@ -1005,6 +1104,7 @@ static const struct test k_tests[] = {
     { "buffer_cycles", test_alloc_free_cycles },
     { "buffer_bind_failure", test_bind_failure_strict_and_fallback },
     { "buffer_replicas", test_replicas_cover_every_write },
+    { "mmid_routing_stats", test_routing_counts_exactly },
     { "mmid_decode", test_mmid_decode_every_type },
     { "mmid_batches", test_mmid_small_batches },
     { "mmid_prefill", test_mmid_prefill },
