@@ -88,6 +88,12 @@ $(ROOT)/build/mmid_bench: tests/bench/mmid_bench.c tests/c/cpu_extra_bufts.h inc
 
 mmid-bench: $(ROOT)/build/mmid_bench
 
+# routing statistics' cost and the balanced map's gain at op level (make bench runs it)
+$(ROOT)/build/routing_bench: tests/bench/routing_bench.c tests/c/cpu_extra_bufts.h include/numa_moe.h lib llama
+	@mkdir -p build
+	$(CC) $(CFLAGS_T) -Iinclude -I$(GGML_INC) $< -o $@ -L$(ROOT)/target/release -lnuma_moe -L$(LLAMA_BIN) -lggml-base -lggml-cpu -lggml \
+	    -Wl,-rpath,$(ROOT)/target/release:$(LLAMA_BIN) -lm
+
 # what CI holds the Rust code to: rustfmt and clippy without warnings
 lint: source
 	$(CARGO) fmt --check
@@ -126,7 +132,7 @@ test-numa: lib llama harness greedy models
 demo: setup llama lib models
 	@scripts/demo.sh
 
-bench: setup llama lib $(ROOT)/build/make-moe-model $(ROOT)/build/mmid_bench
+bench: setup llama lib $(ROOT)/build/make-moe-model $(ROOT)/build/mmid_bench $(ROOT)/build/routing_bench
 	@scripts/bench.sh
 
 clean:
