@@ -42,7 +42,7 @@ fi
 mkdir -p "$OUT" "$MODELS"
 start=$SECONDS
 
-for f in "$LIB" "$B/llama-bench" "$B/libggml-cpu.so" "$GEN" "$root/build/mmid_bench"; do
+for f in "$LIB" "$B/llama-bench" "$B/libggml-cpu.so" "$GEN" "$root/build/mmid_bench" "$root/build/routing_bench"; do
     if [ ! -e "$f" ]; then
         echo "bench: $f is missing: run make bench (it builds them: lib, llama, build/make-moe-model, build/mmid_bench)" >&2
         exit 2
@@ -143,6 +143,23 @@ if ! skip split; then
             | tee "$OUT/mmid-split.md"
     fi
     echo
+fi
+
+if ! skip routing; then
+    echo "## Routing statistics and the balanced map (build/routing_bench)"
+    echo
+    echo "The statistics' cost: the same op timed with recording on and off in alternating rounds (A/A: off"
+    echo "against off). The balance: Zipf routing over 128 experts under block, then balanced from the profile"
+    echo "block's run recorded, then rows, on described 2- and 4-node machines: the busiest node's rows over the"
+    echo "mean, from the hook's own counters (a count, not a timing)."
+    echo
+    for topo in "$TWO" "$FOUR"; do
+        wait_quiet
+        echo "### NUMA_MOE_TOPOLOGY=\"$topo\""
+        echo
+        NUMA_MOE_TOPOLOGY="$topo" build/routing_bench --threads "$T" $([ "$QUICK" = 1 ] && echo --rounds 10) 2>/dev/null \
+            | tee -a "$OUT/routing.md"
+    done
 fi
 
 # ---------------------------------------------------------------------------------------
