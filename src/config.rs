@@ -11,18 +11,26 @@
 //! | NUMA_MOE_VERIFY        | `1`, `0`                     | `1`                              |
 //! | NUMA_MOE_TOPOLOGY      | `host`, synthetic, XML path  | `host`                           |
 //! | NUMA_MOE_FORCE_BIND    | `1`, `0`                     | `0` (tests: bind on a described machine) |
+//! | NUMA_MOE_ROUTING_PROFILE | a routing profile (docs/ROUTING.md) | none (a bare `balanced` is `block`) |
 
 use crate::error::{Error, ErrorCode};
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::expert_map::{ExpertMap, MapError, Policy};
+use crate::expert_map::{Body, ExpertMap, MapError, Policy};
 use crate::memory::KernelSupport;
+use crate::routing::RoutingProfile;
 use crate::topology::{MemorySources, Topology};
 
 pub const MAP_ENV: &str = "NUMA_MOE_EXPERT_MAP";
+
+/// The routing profile of a bare `balanced` (one without `:FILE`).
+pub const ROUTING_PROFILE_ENV: &str = "NUMA_MOE_ROUTING_PROFILE";
+
+/// The warning given once when a `balanced` rule has no profile to follow.
+const BALANCED_FALLBACK: &str = "balanced-fallback";
 
 /// What happens when memory cannot be bound as planned (mbind refused, node short of memory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,9 +109,13 @@ impl Runtime {
         // quietly: it becomes the pending error that fails the first expert allocation.
         let mut problems = Vec::new();
         let mut map_problem = false;
+        let mut fallback = None;
         let (map, map_origin) = match std::env::var(MAP_ENV) {
-            Ok(text) if !text.trim().is_empty() => match ExpertMap::parse(&text).and_then(|m| check_map(&topology, m)) {
-                Ok(map) => (map, MAP_ENV.to_string()),
+            Ok(text) if !text.trim().is_empty() => match ExpertMap::parse(&text).and_then(|m| check_map(&topology, m, &profile_env())) {
+                Ok((map, note)) => {
+                    fallback = note;
+                    (map, MAP_ENV.to_string())
+                }
                 Err(e) => {
                     map_problem = true;
                     problems.push(format!("{MAP_ENV}: {e}"));
@@ -133,6 +145,9 @@ impl Runtime {
         let force_bind = choice(env_choice("NUMA_MOE_FORCE_BIND", &[("1", true), ("0", false)], false), false, &mut problems);
         let settings = Settings { map, map_origin, on_error, pin, huge_pages, verify, force_bind };
         let rt = Runtime::new(topology, settings, MemorySources::host());
+        if let Some(note) = fallback {
+            crate::log::warn_once(&rt, BALANCED_FALLBACK, &note);
+        }
         if !problems.is_empty() {
             let code = if map_problem { ErrorCode::InvalidMap } else { ErrorCode::InvalidArgument };
             rt.set_pending_error(Error::new(code, problems.join("; ")));
@@ -179,9 +194,18 @@ impl Runtime {
         s
     }
 
-    /// Replaces the map after checking it against this machine.
+    /// Replaces the map after checking it against this machine and loading the routing
+    /// profiles it names (a bare `balanced` takes NUMA_MOE_ROUTING_PROFILE's).
     pub fn set_map(&self, text: &str, origin: &str) -> Result<(), MapError> {
-        let map = check_map(&self.topology, ExpertMap::parse(text)?)?;
+        self.set_map_with_profile(text, origin, &profile_env())
+    }
+
+    /// [`Runtime::set_map`] with the value NUMA_MOE_ROUTING_PROFILE would have.
+    fn set_map_with_profile(&self, text: &str, origin: &str, env_profile: &Option<String>) -> Result<(), MapError> {
+        let (map, fallback) = check_map(&self.topology, ExpertMap::parse(text)?, env_profile)?;
+        if let Some(note) = fallback {
+            crate::log::warn_once(self, BALANCED_FALLBACK, &note);
+        }
         let mut s = self.settings.write();
         s.map = map;
         s.map_origin = origin.to_string();
@@ -319,8 +343,57 @@ impl Runtime {
     }
 }
 
-/// Checks a map against the machine; without a topology only `off` and `auto` pass.
-fn check_map(topology: &Topology, map: ExpertMap) -> Result<ExpertMap, MapError> {
+/// NUMA_MOE_ROUTING_PROFILE, if set and not blank.
+fn profile_env() -> Option<String> {
+    std::env::var(ROUTING_PROFILE_ENV).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Loads the routing profile of every `balanced` rule into the map: the rule's own
+/// (`balanced:FILE`), else `env_profile` (NUMA_MOE_ROUTING_PROFILE's value). A file named
+/// twice is read once. A profile that cannot be read or is not one is an error naming the
+/// file (and where the map names it); one recorded on a model with another expert count is
+/// refused later, per tensor ([`ExpertMap::resolve`]), where the count is known.
+///
+/// `Ok(Some(note))`: some `balanced` rule has no profile and places as `block`; `note` is
+/// the warning to give once.
+pub fn load_profiles(map: &mut ExpertMap, env_profile: &Option<String>) -> Result<Option<String>, MapError> {
+    let text = map.text.clone();
+    let mut loaded: Vec<(String, Arc<RoutingProfile>)> = Vec::new();
+    let mut fallback = None;
+    for rule in &mut map.rules {
+        let Body::Balanced { balanced: b, .. } = &mut rule.body else { continue };
+        let (path, span) = match (&b.path, env_profile) {
+            (Some((p, span)), _) => (p.clone(), Some(span.clone())),
+            (None, Some(p)) => (p.trim().to_string(), None),
+            (None, None) => {
+                fallback = Some(format!(
+                    "numa-moe: warning: the expert map asks for \"balanced\" without a routing profile \
+                     (give balanced:FILE, or {ROUTING_PROFILE_ENV}=FILE); placing whole experts as \"block\" instead"
+                ));
+                continue;
+            }
+        };
+        let profile = match loaded.iter().find(|(p, _)| *p == path) {
+            Some((_, profile)) => profile.clone(),
+            None => {
+                let profile = RoutingProfile::load(std::path::Path::new(&path)).map_err(|e| {
+                    let message = if span.is_some() { e.message } else { format!("{ROUTING_PROFILE_ENV}: {}", e.message) };
+                    MapError { text: text.clone(), span: span.clone(), message }
+                })?;
+                let profile = Arc::new(profile);
+                loaded.push((path.clone(), profile.clone()));
+                profile
+            }
+        };
+        b.profile = Some(profile);
+        b.origin = path;
+    }
+    Ok(fallback)
+}
+
+/// Checks a map against the machine and loads its routing profiles ([`load_profiles`], whose
+/// fallback note comes back); without a topology only `off` and `auto` pass.
+fn check_map(topology: &Topology, map: ExpertMap, env_profile: &Option<String>) -> Result<(ExpertMap, Option<String>), MapError> {
     if let Some(reason) = topology.detection_error() {
         let placeless =
             map.rules.iter().all(|r| matches!(&r.body, crate::expert_map::Body::Policy { policy: Policy::Off | Policy::Auto, .. }));
@@ -333,7 +406,9 @@ fn check_map(topology: &Topology, map: ExpertMap) -> Result<ExpertMap, MapError>
         }
     }
     map.check_nodes(topology)?;
-    Ok(map)
+    let mut map = map;
+    let fallback = load_profiles(&mut map, env_profile)?;
+    Ok((map, fallback))
 }
 
 /// What the user is told when the kernel refuses memory policies.
@@ -481,6 +556,94 @@ mod tests {
         let (quiet, root2) = host("refused-off", 2, "off");
         quiet.kernel.set(KernelSupport { bind: Err(eperm), page_query: Ok(()) }).unwrap();
         assert!(quiet.binds() && quiet.first_time("kernel-bind"));
+        fs::remove_dir_all(root).unwrap();
+        fs::remove_dir_all(root2).unwrap();
+    }
+
+    fn write_profile(name: &str, n_expert: u32) -> PathBuf {
+        use crate::routing::{LayerRouting, ModelSignature, SCHEMA};
+        let path = std::env::temp_dir().join(format!("numa-moe-config-{name}-{}.json", std::process::id()));
+        let layers = vec![LayerRouting { layer: 0, tokens: (0..n_expert as u64).collect(), recent: vec![] }];
+        let p = RoutingProfile {
+            schema: SCHEMA,
+            model: ModelSignature { n_expert, expert_layers: vec![0] },
+            map: "rows".into(),
+            layers,
+            nodes: vec![],
+        };
+        p.save(&path).unwrap();
+        path
+    }
+
+    fn loaded(rt: &Runtime) -> Vec<Option<Arc<RoutingProfile>>> {
+        rt.settings()
+            .map
+            .rules
+            .iter()
+            .filter_map(|r| match &r.body {
+                Body::Balanced { balanced, .. } => Some(balanced.profile.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn balanced_loads_its_profile_when_the_map_is_set() {
+        let (rt, root) = host("balanced", 2, "rows");
+        let file = write_profile("balanced", 8);
+        let f = file.display().to_string();
+        // the file named in the map, read once for two rules; a bare rule takes the variable's
+        let map = format!("blk.0=balanced:{f};blk.1=balanced:{f}@1;balanced");
+        rt.set_map_with_profile(&map, "test", &Some(f.clone())).unwrap();
+        let got = loaded(&rt);
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|p| p.as_ref().is_some_and(|p| p.model.n_expert == 8)));
+        assert!(Arc::ptr_eq(got[0].as_ref().unwrap(), got[1].as_ref().unwrap()));
+        assert!(rt.first_time(BALANCED_FALLBACK), "a profile for every rule: no fallback warning");
+        // a profile of another model stops the tensor's load, naming the file and the tensor
+        let t = "blk.0.ffn_up_exps.weight";
+        let err = rt.settings().map.resolve(Some(0), 16, t).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("routing profile {f} was recorded on a model with 8 experts; this one has 16 (checking {t})")),
+            "{err}"
+        );
+        assert!(err.contains(&format!("(at characters 16-{}: \"{f}\")", 15 + f.len())), "{err}");
+        assert!(rt.settings().map.check_experts(16).is_err() && rt.settings().map.check_experts(8).is_ok());
+        fs::remove_file(file).unwrap();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn unreadable_profiles_are_map_errors_naming_the_file() {
+        let (rt, root) = host("badprofile", 2, "rows");
+        let err = rt.set_map_with_profile("balanced:/nonexistent/p.json@0", "test", &None).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot read routing profile /nonexistent/p.json: No such file or directory")
+                && err.ends_with("(at characters 10-28: \"/nonexistent/p.json\")"),
+            "{err}"
+        );
+        let junk = std::env::temp_dir().join(format!("numa-moe-config-junk-{}.json", std::process::id()));
+        fs::write(&junk, "{\"numa_moe_routing\": 1}").unwrap();
+        let j = junk.display().to_string();
+        let err = rt.set_map_with_profile("rows;blk.2=balanced", "test", &Some(j.clone())).unwrap_err().to_string();
+        assert!(err.contains(&format!("{ROUTING_PROFILE_ENV}: routing profile {j}: not a numa-moe routing file")), "{err}");
+        // nothing changed
+        assert_eq!(rt.settings().map.render(), "rows");
+        fs::remove_file(junk).unwrap();
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn bare_balanced_without_a_profile_is_block_with_one_warning() {
+        let (rt, root) = host("fallback", 2, "rows");
+        let mut map = ExpertMap::parse("blk.0-3=balanced;rows").unwrap();
+        let note = load_profiles(&mut map, &None).unwrap().unwrap();
+        assert!(note.contains("without a routing profile") && note.contains("as \"block\" instead"), "{note}");
+        assert!(rt.first_time(BALANCED_FALLBACK));
+        let (rt, root2) = host("fallback2", 2, "rows");
+        rt.set_map_with_profile("balanced", "test", &None).unwrap();
+        assert!(!rt.first_time(BALANCED_FALLBACK), "warned when the map was set");
+        assert_eq!(loaded(&rt), vec![None]);
         fs::remove_dir_all(root).unwrap();
         fs::remove_dir_all(root2).unwrap();
     }

@@ -3,8 +3,11 @@
 //! ```text
 //! map      = rule , { ";" , rule } ;
 //! rule     = [ "blk." , ranges , "=" ] , body ;      (no "blk." prefix: the default rule)
-//! body     = policy , [ "@" , nodes ]  |  clause , { "," , clause } ;
+//! body     = policy , [ "@" , nodes ]  |  balanced , [ "@" , nodes ]  |  clause , { "," , clause } ;
 //! policy   = "auto" | "rows" | "block" | "round-robin" | "interleave" | "mirror" | "off" ;
+//! balanced = "balanced" , [ ":" , path ] , [ "+copies=" , int , "%" ] ;
+//! path     = the characters up to the next "@", "+", ";" or the end, spaces at both ends
+//!            dropped; non-empty, without ","       (a routing profile, docs/ROUTING.md)
 //! clause   = experts , ":" , nodeset ;
 //! experts  = "*" | range ;                           ("*": every expert no other clause maps)
 //! ranges   = range , { "," , range } ;
@@ -14,7 +17,11 @@
 //! ```
 //!
 //! Examples: `rows`, `rows@0,1`, `0-7:0,8-15:1`, `0-3:0+1,4-7:1`, `0-7:0,*:1`,
-//! `blk.0-2=mirror;blk.3-60=rows`. Layers no rule selects stay on llama.cpp's own path.
+//! `blk.0-2=mirror;blk.3-60=rows`, `balanced:run.json+copies=5%@0,1`. Layers no rule selects
+//! stay on llama.cpp's own path.
+//!
+//! `balanced` names a routing profile; parsing does not read it: [`crate::config`] loads it
+//! when the map is set ([`Balanced::profile`]), so the planner stays pure.
 //!
 //! Errors carry the byte span of the offending text so messages can point at it. Checks come
 //! in three stages, each before any memory is touched: syntax ([`ExpertMap::parse`]), the
@@ -22,7 +29,9 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
+use crate::routing::RoutingProfile;
 use crate::topology::Topology;
 
 pub type Span = Range<usize>;
@@ -64,11 +73,14 @@ pub enum Policy {
     Mirror,
     /// llama.cpp's own placement and kernels.
     Off,
+    /// Whole experts dealt to nodes so that the load a routing profile recorded is even per
+    /// core (see [`Balanced`]); `block` without a profile.
+    Balanced,
 }
 
 impl Policy {
-    pub const ALL: [Policy; 7] =
-        [Policy::Auto, Policy::Rows, Policy::Block, Policy::RoundRobin, Policy::Interleave, Policy::Mirror, Policy::Off];
+    pub const ALL: [Policy; 8] =
+        [Policy::Auto, Policy::Rows, Policy::Block, Policy::RoundRobin, Policy::Interleave, Policy::Mirror, Policy::Off, Policy::Balanced];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -79,6 +91,7 @@ impl Policy {
             Policy::Interleave => "interleave",
             Policy::Mirror => "mirror",
             Policy::Off => "off",
+            Policy::Balanced => "balanced",
         }
     }
 
@@ -104,9 +117,26 @@ pub struct Clause {
     pub span: Span,
 }
 
+/// What `balanced` asks for besides its nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Balanced {
+    /// The routing profile's path as written after `balanced:`, and its span; `None` for a
+    /// bare `balanced`, whose profile NUMA_MOE_ROUTING_PROFILE names.
+    pub path: Option<(String, Span)>,
+    /// Copies of the hottest experts on every node may add at most this share (percent) of
+    /// each expert tensor's size; 0: no copies.
+    pub copies_percent: u32,
+    /// The profile, loaded when the map is set (`crate::config::load_profiles`); `None`
+    /// before that, or when none is given: the planner then places as `block`.
+    pub profile: Option<Arc<RoutingProfile>>,
+    /// Where the loaded profile came from (its path), for messages.
+    pub origin: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
     Policy { policy: Policy, nodes: Option<Vec<u32>>, span: Span },
+    Balanced { balanced: Balanced, nodes: Option<Vec<u32>>, span: Span },
     Clauses(Vec<Clause>),
 }
 
@@ -165,12 +195,17 @@ pub enum Resolved {
     Policy { policy: Policy, nodes: Option<Vec<u32>> },
     /// For every expert, the nodes that hold a copy of it (first: the primary copy).
     Explicit { holders: Vec<Vec<u32>> },
+    /// `balanced` over these nodes (`None`: the planner's default nodes), from this profile
+    /// (`None`: none given, place as `block`), already checked against the tensor's experts.
+    Balanced { nodes: Option<Vec<u32>>, profile: Option<Arc<RoutingProfile>>, copies_percent: u32 },
 }
 
 struct Parser<'a> {
     s: &'a str,
     b: &'a [u8],
     pos: usize,
+    /// Where the last routing profile path ended, to explain a ';' that was meant in a path.
+    path_end: Option<usize>,
 }
 
 impl<'a> Parser<'a> {
@@ -268,8 +303,14 @@ impl<'a> Parser<'a> {
             match self.peek() {
                 None => break,
                 Some(b';') => {
+                    let after_path = self.path_end == Some(self.pos);
                     self.pos += 1;
-                    rules.push(self.rule()?);
+                    rules.push(self.rule().map_err(|mut e| {
+                        if after_path {
+                            e.message += " (a routing profile path cannot contain ';': the ';' after it ends the rule)";
+                        }
+                        e
+                    })?);
                 }
                 Some(_) => {
                     let found = self.describe_here();
@@ -309,6 +350,7 @@ impl<'a> Parser<'a> {
                     let names: Vec<&str> = Policy::ALL.iter().map(|p| p.name()).collect();
                     return self.err(span, format!("unknown policy \"{w}\" (policies: {})", names.join(", ")));
                 };
+                let balanced = if policy == Policy::Balanced { Some(self.balanced()?) } else { None };
                 let nodes = if self.eat(b'@') {
                     let mut v = vec![self.node()?];
                     while self.peek() == Some(b',') {
@@ -322,7 +364,11 @@ impl<'a> Parser<'a> {
                 } else {
                     None
                 };
-                Ok(Body::Policy { policy, nodes, span: span.start..self.pos })
+                let span = span.start..self.pos;
+                Ok(match balanced {
+                    Some(balanced) => Body::Balanced { balanced, nodes, span },
+                    None => Body::Policy { policy, nodes, span },
+                })
             }
             None => {
                 let span = self.here();
@@ -338,6 +384,53 @@ impl<'a> Parser<'a> {
                 Ok(Body::Clauses(clauses))
             }
         }
+    }
+
+    /// What follows `balanced`: `:path` and `+copies=N%`, each optional, in that order.
+    fn balanced(&mut self) -> Result<Balanced, MapError> {
+        let mut path = None;
+        if self.eat(b':') {
+            self.skip_ws();
+            let start = self.pos;
+            while self.pos < self.b.len() && !matches!(self.b[self.pos], b'@' | b'+' | b';') {
+                self.pos += 1;
+            }
+            // the delimiters are ASCII, so these are character boundaries
+            let text = self.s[start..self.pos].trim_end();
+            if text.is_empty() {
+                let found = self.describe_here();
+                return self.err(self.here(), format!("expected a routing profile path after \"balanced:\", found {found}"));
+            }
+            if let Some(i) = text.find(',') {
+                return self.err(
+                    start + i..start + i + 1,
+                    format!("a routing profile path cannot contain ',' (\"{text}\"): rename the file or give it through a link"),
+                );
+            }
+            self.path_end = Some(self.pos);
+            path = Some((text.to_string(), start..start + text.len()));
+        }
+        let mut copies_percent = 0;
+        if self.eat(b'+') {
+            let (w, span) = self.word();
+            if w != "copies" || !self.eat(b'=') {
+                let span = if w.is_empty() { self.here() } else { span };
+                let hint = if path.is_some() { " (a routing profile path cannot contain '+')" } else { "" };
+                return self.err(span, format!("expected \"copies=N%\" after '+'{hint}"));
+            }
+            let (n, _) = self.int("a percentage")?;
+            if !self.eat(b'%') {
+                let found = self.describe_here();
+                return self.err(
+                    self.here(),
+                    format!(
+                        "expected '%' after copies={n}, found {found}: the budget is a share of each expert tensor's size, e.g. copies=10%"
+                    ),
+                );
+            }
+            copies_percent = n;
+        }
+        Ok(Balanced { path, copies_percent, profile: None, origin: String::new() })
     }
 
     fn clause(&mut self) -> Result<Clause, MapError> {
@@ -371,7 +464,7 @@ impl<'a> Parser<'a> {
 impl ExpertMap {
     /// Parses a map; the error names the first problem and where it is.
     pub fn parse(text: &str) -> Result<Self, MapError> {
-        let mut p = Parser { s: text, b: text.as_bytes(), pos: 0 };
+        let mut p = Parser { s: text, b: text.as_bytes(), pos: 0, path_end: None };
         if text.trim().is_empty() {
             return Err(MapError::new(
                 text,
@@ -484,6 +577,19 @@ impl ExpertMap {
                         Some(n) => format!("{}@{}", policy.name(), join(n, ",")),
                         None => policy.name().to_string(),
                     },
+                    Body::Balanced { balanced: b, nodes, .. } => {
+                        let mut s = Policy::Balanced.name().to_string();
+                        if let Some((path, _)) = &b.path {
+                            s += &format!(":{path}");
+                        }
+                        if b.copies_percent > 0 {
+                            s += &format!("+copies={}%", b.copies_percent);
+                        }
+                        if let Some(n) = nodes {
+                            s += &format!("@{}", join(n, ","));
+                        }
+                        s
+                    }
                     Body::Clauses(cl) => cl
                         .iter()
                         .map(|c| {
@@ -507,8 +613,10 @@ impl ExpertMap {
         let mut out = Vec::new();
         for r in &self.rules {
             match &r.body {
-                Body::Policy { nodes: Some(n), span, .. } => out.extend(n.iter().map(|&n| (n, span.clone()))),
-                Body::Policy { .. } => {}
+                Body::Policy { nodes: Some(n), span, .. } | Body::Balanced { nodes: Some(n), span, .. } => {
+                    out.extend(n.iter().map(|&n| (n, span.clone())))
+                }
+                Body::Policy { .. } | Body::Balanced { .. } => {}
                 Body::Clauses(cl) => {
                     for c in cl {
                         out.extend(c.nodes.iter().map(|&n| (n, c.span.clone())));
@@ -572,6 +680,13 @@ impl ExpertMap {
         match &rule.body {
             Body::Policy { policy: Policy::Off, .. } => Ok(Resolved::Off),
             Body::Policy { policy, nodes, .. } => Ok(Resolved::Policy { policy: *policy, nodes: nodes.clone() }),
+            Body::Balanced { balanced: b, nodes, .. } => {
+                if let Some(p) = &b.profile {
+                    p.check_model(&b.origin, n_expert)
+                        .map_err(|e| self.err(b.path.as_ref().map(|(_, s)| s.clone()), format!("{} (checking {tensor})", e.message)))?;
+                }
+                Ok(Resolved::Balanced { nodes: nodes.clone(), profile: b.profile.clone(), copies_percent: b.copies_percent })
+            }
             Body::Clauses(clauses) => {
                 let mut holders: Vec<Option<(usize, Vec<u32>)>> = vec![None; n_expert as usize];
                 for (ci, c) in clauses.iter().enumerate() {
@@ -815,6 +930,56 @@ mod tests {
             p("0-1:0,2:1+0,*:1").resolve(Some(0), 4, t).unwrap(),
             Resolved::Explicit { holders: vec![vec![0], vec![0], vec![1, 0], vec![1]] }
         );
+    }
+
+    #[test]
+    fn balanced_takes_a_profile_path_a_copy_budget_and_nodes() {
+        for s in [
+            "balanced",
+            "balanced:p.json",
+            "balanced@0,1",
+            "balanced:/tmp/run 1/p.json@1,0",
+            "balanced+copies=5%",
+            "balanced:p.json+copies=10%@0,1",
+            "blk.0-2=mirror;blk.3-60=balanced:p.json;rows",
+        ] {
+            assert_eq!(p(s).render(), s);
+        }
+        // spaces around the path are not part of it; a 0% budget is no budget
+        assert_eq!(p("blk.3 = balanced : p.json  @ 0 ; rows").render(), "blk.3=balanced:p.json@0;rows");
+        assert_eq!(p("balanced:p.json+copies=0%").render(), "balanced:p.json");
+        let Body::Balanced { balanced: b, nodes, .. } = &p("balanced: q.json +copies=7%@1").rules[0].body else { panic!() };
+        assert_eq!((b.path.as_ref().unwrap().0.as_str(), b.path.as_ref().unwrap().1.clone()), ("q.json", 10..16));
+        assert_eq!((b.copies_percent, nodes.clone(), b.profile.clone()), (7, Some(vec![1]), None));
+        assert!(p("balanced:p.json@5").check_nodes(&Topology::uniform(2, 2, 1)).unwrap_err().to_string().contains("node 5 does not exist"));
+        // not loaded yet (config does that): resolves to no profile, the planner's `block`
+        assert_eq!(
+            p("balanced:p.json").resolve(Some(0), 8, "x").unwrap(),
+            Resolved::Balanced { nodes: None, profile: None, copies_percent: 0 }
+        );
+    }
+
+    #[test]
+    fn balanced_syntax_errors_point_at_the_problem() {
+        let m = e("balanced:");
+        assert!(m.contains("expected a routing profile path after \"balanced:\", found the end of the map"), "{m}");
+        let m = e("balanced: @0");
+        assert!(m.contains("expected a routing profile path after \"balanced:\", found '@' (at character 11)"), "{m}");
+        let m = e("balanced:a,b.json");
+        assert!(m.contains("a routing profile path cannot contain ',' (\"a,b.json\")") && m.contains("(at character 11)"), "{m}");
+        let m = e("balanced:dir;x/p.json");
+        assert!(m.contains("unknown policy \"x\""), "{m}");
+        assert!(m.ends_with("(a routing profile path cannot contain ';': the ';' after it ends the rule) (at character 14)"), "{m}");
+        let m = e("balanced:c++/p.json");
+        assert!(m.contains("expected \"copies=N%\" after '+' (a routing profile path cannot contain '+')"), "{m}");
+        let m = e("balanced:p.json+copies=4GiB");
+        assert!(m.contains("expected '%' after copies=4, found 'G'") && m.contains("e.g. copies=10%") && m.contains("character 25"), "{m}");
+        assert!(e("balanced+copy=4%").contains("expected \"copies=N%\" after '+' (at characters 10-13: \"copy\")"));
+        assert!(e("balanced+copies=99999999999%").contains("a percentage 99999999999 is too large"));
+        assert!(e("balanced:p.json@0,0").contains("node 0 is listed twice"));
+        assert!(e("balancd:p.json").contains("unknown policy \"balancd\""));
+        // a ';' right after a policy, not a path, gets no path hint
+        assert!(!e("rows;dir/x").contains("routing profile"));
     }
 
     #[test]

@@ -6,12 +6,15 @@
 //! hook follows. Invariants the tests check for every policy:
 //! - the primary copy places every byte of the tensor exactly once (replicas add copies);
 //! - every (expert, row) is computed exactly once, from a copy that holds it on that node;
-//! - under `rows`, nodes of equal weight get row counts that differ by at most one unit.
+//! - under `rows`, nodes of equal weight get row counts that differ by at most one unit;
+//! - under `balanced`, every expert not copied to every node lives whole on one node, chosen
+//!   by LPT on the routing profile's counts ([`balanced_assignment`]).
 
 use std::fmt;
 use std::ops::Range;
 
 use crate::expert_map::{layer_of, ExpertMap, MapError, Policy, Resolved, MAX_EXPERTS, MAX_LAYERS};
+use crate::routing::RoutingProfile;
 use crate::topology::{format_gib, Topology};
 
 /// One stacked expert tensor, as the planner needs to know it. [`stacked_expert`] makes them
@@ -301,14 +304,7 @@ pub fn plan_tensor(topo: &Topology, map: &ExpertMap, tensor: &ExpertTensor, opts
             Ok(Some(match policy {
                 Policy::Rows => planner.explicit(kind, &vec![nodes; tensor.n_expert as usize], false),
                 Policy::Mirror => planner.explicit(kind, &vec![nodes; tensor.n_expert as usize], true),
-                Policy::Block => {
-                    let counts = apportion(tensor.n_expert as u64, &planner.weights(&nodes));
-                    let mut holders = Vec::new();
-                    for (n, c) in nodes.iter().zip(counts) {
-                        holders.extend(std::iter::repeat_n(vec![*n], c as usize));
-                    }
-                    planner.explicit(kind, &holders, true)
-                }
+                Policy::Block | Policy::Balanced => planner.explicit(PlanKind::Policy(Policy::Block), &planner.block(&nodes), true),
                 Policy::RoundRobin => {
                     let holders: Vec<Vec<u32>> = (0..tensor.n_expert as usize).map(|e| vec![nodes[e % nodes.len()]]).collect();
                     planner.explicit(kind, &holders, true)
@@ -326,7 +322,99 @@ pub fn plan_tensor(topo: &Topology, map: &ExpertMap, tensor: &ExpertTensor, opts
             }))
         }
         Resolved::Explicit { holders } => Ok(Some(planner.explicit(PlanKind::Explicit, &holders, true))),
+        Resolved::Balanced { nodes, profile, copies_percent } => {
+            let nodes = nodes.unwrap_or_else(|| topo.compute_nodes());
+            if nodes.is_empty() {
+                return Err(PlanError::NoNodes);
+            }
+            Ok(Some(match profile {
+                // no profile: `block`, which config has said once
+                None => planner.explicit(PlanKind::Policy(Policy::Block), &planner.block(&nodes), true),
+                Some(p) => planner.explicit(PlanKind::Policy(Policy::Balanced), &planner.balanced(&nodes, &p, copies_percent), true),
+            }))
+        }
     }
+}
+
+/// The load of each of `n_expert` experts of `layer` as `profile` recorded it: the layer's
+/// counts; where the layer has none (absent, or all zero), the counts over all layers; where
+/// those are zero too, 1 each (no knowledge: every expert alike). Always `n_expert` entries
+/// (a profile of another size, which [`ExpertMap::resolve`] refuses, is cut or padded with 0).
+pub fn expert_loads(profile: &RoutingProfile, layer: Option<u32>, n_expert: u32) -> Vec<u64> {
+    let n = n_expert as usize;
+    let fit = |mut v: Vec<u64>| {
+        v.resize(n, 0);
+        v
+    };
+    if let Some(l) = layer.and_then(|l| profile.layer(l)).filter(|l| l.tokens.iter().any(|&t| t > 0)) {
+        return fit(l.tokens.clone());
+    }
+    let totals = fit(profile.expert_totals());
+    if totals.iter().any(|&t| t > 0) {
+        totals
+    } else {
+        vec![1; n]
+    }
+}
+
+/// Longest processing time first, on nodes of different speeds: experts by descending load
+/// (ties: lower expert first), each to the node whose load per weight is smallest once it is
+/// added (ties: lower node id). `nodes` are (node id, weight); a weight is taken as at least
+/// 1 and at most 2^32. Returns the node of every expert, or an empty vector when `nodes` is.
+///
+/// Bound (what tests/planner_props.rs checks): with total load `T`, weights summing to `W`,
+/// `m` nodes and the largest load `p`, every node ends with load/weight at most
+/// `(T + (m-1)·p) / W` (when a job is placed, `(L_k + p_j)/w_k >= C` for every node `k`;
+/// summing over the nodes gives `C·W <= T + (m-1)·p_j`). With equal weights this is
+/// Graham's bound; LPT's own is also checked there, against the exact optimum of small cases.
+pub fn balanced_assignment(loads: &[u64], nodes: &[(u32, u64)]) -> Vec<u32> {
+    lpt(loads, &vec![true; loads.len()], nodes).into_iter().map(|n| n.unwrap_or(0)).collect()
+}
+
+/// [`balanced_assignment`] of the experts with `take[e]`; the others get `None`.
+fn lpt(loads: &[u64], take: &[bool], nodes: &[(u32, u64)]) -> Vec<Option<u32>> {
+    let mut out = vec![None; loads.len()];
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    let weight: Vec<u128> = nodes.iter().map(|&(_, w)| w.clamp(1, 1 << 32) as u128).collect();
+    let mut order: Vec<usize> = (0..loads.len()).filter(|&e| take.get(e).copied().unwrap_or(false)).collect();
+    order.sort_by(|&a, &b| loads[b].cmp(&loads[a]).then(a.cmp(&b)));
+    // sums of at most 1024 u64 loads, times weights below 2^33: well inside u128
+    let mut sum = vec![0u128; nodes.len()];
+    for e in order {
+        let l = loads[e] as u128;
+        let mut best = 0;
+        for k in 1..nodes.len() {
+            // (sum_k + l) / w_k  vs  (sum_best + l) / w_best, without division
+            let (a, b) = ((sum[k] + l) * weight[best], (sum[best] + l) * weight[k]);
+            if a < b || (a == b && nodes[k].0 < nodes[best].0) {
+                best = k;
+            }
+        }
+        sum[best] += l;
+        out[e] = Some(nodes[best].0);
+    }
+    out
+}
+
+/// The experts to copy to every one of `nodes_len` nodes: the hottest with a non-zero load
+/// (ties: lower expert first), as many as fit in `percent` of the tensor's size, each copy
+/// costing one expert's bytes on every node but its primary's.
+fn hot_experts(tensor: &ExpertTensor, loads: &[u64], percent: u32, nodes_len: usize) -> Vec<bool> {
+    let mut hot = vec![false; loads.len()];
+    if percent == 0 || nodes_len < 2 {
+        return hot;
+    }
+    let budget = tensor.bytes() as u128 * percent as u128 / 100;
+    let cost = tensor.expert_bytes() as u128 * (nodes_len as u128 - 1);
+    let fit = (budget / cost.max(1)).min(loads.len() as u128) as usize;
+    let mut order: Vec<usize> = (0..loads.len()).filter(|&e| loads[e] > 0).collect();
+    order.sort_by(|&a, &b| loads[b].cmp(&loads[a]).then(a.cmp(&b)));
+    for e in order.into_iter().take(fit) {
+        hot[e] = true;
+    }
+    hot
 }
 
 /// Rows of one expert per node: what [`Planner::split_rows`] returns.
@@ -349,6 +437,30 @@ impl Planner<'_> {
         let with: Vec<u64> = cores.iter().copied().filter(|&c| c > 0).collect();
         let mean = if with.is_empty() { 1 } else { (with.iter().sum::<u64>() / with.len() as u64).max(1) };
         cores.into_iter().map(|c| if c == 0 { mean } else { c }).collect()
+    }
+
+    /// `block`: contiguous ranges of whole experts, sized by the nodes' weights.
+    fn block(&self, nodes: &[u32]) -> Vec<Vec<u32>> {
+        let counts = apportion(self.tensor.n_expert as u64, &self.weights(nodes));
+        let mut holders = Vec::new();
+        for (n, c) in nodes.iter().zip(counts) {
+            holders.extend(std::iter::repeat_n(vec![*n], c as usize));
+        }
+        holders
+    }
+
+    /// `balanced`: the hottest experts on every node within the copy budget (each node then
+    /// computes its share of their rows, which adds the same load per weight to every node,
+    /// so it does not change where the others go), every other expert whole on the node LPT
+    /// picks for it from the profile's counts.
+    fn balanced(&self, nodes: &[u32], profile: &RoutingProfile, copies_percent: u32) -> Vec<Vec<u32>> {
+        let t = self.tensor;
+        let loads = expert_loads(profile, t.layer, t.n_expert);
+        let weighted: Vec<(u32, u64)> = nodes.iter().copied().zip(self.weights(nodes)).collect();
+        let hot = hot_experts(t, &loads, copies_percent, nodes.len());
+        let cold: Vec<bool> = hot.iter().map(|h| !h).collect();
+        let at = lpt(&loads, &cold, &weighted);
+        (0..loads.len()).map(|e| if hot[e] { nodes.to_vec() } else { vec![at[e].unwrap_or(nodes[0])] }).collect()
     }
 
     /// Rows per split unit: the fewest whole rows whose bytes are a multiple of the page size,
@@ -641,6 +753,96 @@ mod tests {
         assert_eq!(b.describe_share(1), "experts 8-15");
         let r = plan(&topo, "round-robin", &t);
         assert_eq!(r.describe_share(0), "experts 0,2,4,6,8,10,12,14");
+    }
+
+    fn profile(tokens: Vec<u64>) -> std::sync::Arc<RoutingProfile> {
+        use crate::routing::{LayerRouting, ModelSignature, SCHEMA};
+        let model = ModelSignature { n_expert: tokens.len() as u32, expert_layers: vec![0] };
+        let layers = vec![LayerRouting { layer: 0, tokens, recent: vec![] }];
+        std::sync::Arc::new(RoutingProfile { schema: SCHEMA, model, map: "block".into(), layers, nodes: vec![] })
+    }
+
+    /// Plans `t` under `balanced` with `profile` loaded, as config does when the map is set.
+    fn plan_balanced(topo: &Topology, map: &str, t: &ExpertTensor, p: std::sync::Arc<RoutingProfile>) -> TensorPlan {
+        let mut m = ExpertMap::parse(map).unwrap();
+        for r in &mut m.rules {
+            if let crate::expert_map::Body::Balanced { balanced, .. } = &mut r.body {
+                balanced.profile = Some(p.clone());
+                balanced.origin = "p.json".into();
+            }
+        }
+        plan_tensor(topo, &m, t, &PlanOptions::default()).unwrap().unwrap()
+    }
+
+    /// Load per node of a plan: the profile's count of each piece's expert times its rows.
+    fn routed_load(p: &TensorPlan, loads: &[u64]) -> Vec<(u32, u64)> {
+        let mut acc: std::collections::BTreeMap<u32, u64> = Default::default();
+        for x in p.pieces() {
+            *acc.entry(x.node).or_default() += loads[x.expert as usize] * (x.rows.end - x.rows.start);
+        }
+        acc.into_iter().collect()
+    }
+
+    #[test]
+    fn lpt_deals_hot_experts_apart_and_follows_weights() {
+        // equal nodes: 100 | 50+40+30 on the other, then the rest to whichever is lighter
+        let loads = [100, 50, 40, 30, 20, 10, 5, 5];
+        assert_eq!(balanced_assignment(&loads, &[(0, 1), (1, 1)]), vec![0, 1, 1, 1, 0, 0, 1, 1]);
+        // node 0 twice as fast: a tie in load per weight goes to the lower node id
+        assert_eq!(balanced_assignment(&[3, 3, 3], &[(0, 2), (1, 1)]), vec![0, 0, 1]);
+        assert_eq!(balanced_assignment(&[3, 3, 3], &[(1, 1), (0, 1)]), vec![0, 1, 0]);
+        assert!(balanced_assignment(&[1, 2], &[]).is_empty());
+        assert_eq!(balanced_assignment(&[0, 0, 0], &[(4, 0), (7, u64::MAX)]), vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn balanced_evens_out_a_skewed_profile_that_block_does_not() {
+        let topo = Topology::uniform(2, 4, 64);
+        let t = tensor(8, 64, 4096);
+        let loads = vec![100, 50, 40, 30, 20, 10, 5, 5];
+        let b = plan_balanced(&topo, "balanced:p.json", &t, profile(loads.clone()));
+        assert_eq!(b.kind, PlanKind::Policy(Policy::Balanced));
+        assert_eq!(b.describe_share(0), "experts 0,4-5");
+        assert_eq!(routed_load(&b, &loads), vec![(0, 130 * 64), (1, 130 * 64)]);
+        let block = plan(&topo, "block", &t);
+        assert_eq!(routed_load(&block, &loads), vec![(0, 220 * 64), (1, 40 * 64)]);
+        // whole experts, one copy: what the hook computes for block and explicit maps
+        assert_eq!(b.copies.len(), 1);
+        assert!(b.pieces().iter().all(|x| x.rows == (0..64) && x.copy == 0));
+        // layers the profile lacks follow its totals; an all-zero profile is block-like even
+        let other = ExpertTensor { layer: Some(5), name: "blk.5.ffn_up_exps.weight".into(), ..t.clone() };
+        assert_eq!(plan_balanced(&topo, "balanced:p.json", &other, profile(loads.clone())).describe_share(0), "experts 0,4-5");
+        let even = plan_balanced(&topo, "balanced:p.json", &t, profile(vec![0; 8]));
+        assert_eq!(even.bytes_per_node(), vec![(0, t.bytes() / 2), (1, t.bytes() / 2)]);
+    }
+
+    #[test]
+    fn balanced_copies_the_hottest_experts_within_the_budget() {
+        let topo = Topology::uniform(2, 4, 64);
+        let t = tensor(8, 64, 4096);
+        let loads = vec![100, 50, 40, 30, 20, 10, 5, 5];
+        // 30% of the tensor is 2.4 experts' bytes; one copy on the other node costs one expert's
+        let p = plan_balanced(&topo, "balanced:p.json+copies=30%", &t, profile(loads.clone()));
+        assert_eq!(p.copies.len(), 2);
+        let extra: u64 = p.copies[1].extents.iter().map(|e| e.len).sum();
+        assert_eq!(extra, 2 * t.expert_bytes());
+        assert!(extra <= t.bytes() * 30 / 100);
+        let split: Vec<u32> = (0..8).filter(|&e| p.pieces().iter().filter(|x| x.expert == e).count() == 2).collect();
+        assert_eq!(split, vec![0, 1]);
+        let l = routed_load(&p, &loads);
+        assert!(l[0].1.abs_diff(l[1].1) <= 5 * 64, "{l:?}");
+        // a budget below one expert copies nothing; one node has nothing to copy to
+        assert_eq!(plan_balanced(&topo, "balanced:p.json+copies=12%", &t, profile(loads.clone())).copies.len(), 1);
+        assert_eq!(plan_balanced(&topo, "balanced:p.json+copies=100%@1", &t, profile(loads)).copies.len(), 1);
+    }
+
+    #[test]
+    fn balanced_without_a_profile_is_block() {
+        let topo = Topology::uniform(2, 4, 64);
+        let t = tensor(16, 64, 4096);
+        let p = plan(&topo, "balanced", &t);
+        let b = plan(&topo, "block", &t);
+        assert_eq!((p.kind, &p.copies, &p.compute), (b.kind, &b.copies, &b.compute));
     }
 
     #[test]

@@ -5,9 +5,20 @@
 //! by the primary copy (N times over all copies under mirror), every (expert, row) is computed
 //! exactly once and from a copy that holds it on the computing node, and `rows` gives nodes of
 //! equal weight row counts within one unit. The parser never panics and render round-trips.
+//!
+//! `balanced` ([`balanced_assignment`], LPT on nodes weighted by cores): every expert goes to
+//! exactly one listed node; the busiest node's load per weight stays within the greedy bound
+//! `(T + (m-1)·p) / W` (T total load, p the largest, W the weights' sum, m nodes: proved in
+//! placement.rs) on any input, and within LPT's approximation ratio of the exact optimum on
+//! small inputs: `4/3 - 1/(3m)` on equal weights (Graham 1969), `1 + 1/sqrt(3)` on any
+//! (Kovács, "New approximation bounds for LPT scheduling", Algorithmica 2010). Its plans keep
+//! the invariants above, and its copies stay within their budget.
 
-use numa_moe::expert_map::{ExpertMap, Policy, Resolved};
-use numa_moe::placement::{plan_tensor, Binding, Compute, ExpertTensor, PlanOptions, TensorPlan};
+use std::sync::Arc;
+
+use numa_moe::expert_map::{Body, ExpertMap, Policy, Resolved};
+use numa_moe::placement::{balanced_assignment, plan_tensor, Binding, Compute, ExpertTensor, PlanOptions, TensorPlan};
+use numa_moe::routing::{LayerRouting, ModelSignature, RoutingProfile, SCHEMA};
 use numa_moe::topology::{Cpu, NumaNode, Source, Topology};
 use proptest::prelude::*;
 
@@ -217,6 +228,133 @@ proptest! {
         let m = ExpertMap::parse(&text).unwrap();
         prop_assert_eq!(m.render(), text.clone());
         prop_assert_eq!(ExpertMap::parse(&m.render()).unwrap().render(), text);
+    }
+}
+
+/// Load per weight of every node under `assign`, as (load, weight) pairs to compare exactly.
+fn node_loads(loads: &[u64], nodes: &[(u32, u64)], assign: &[u32]) -> Vec<(u128, u128)> {
+    nodes.iter().map(|&(id, w)| (loads.iter().zip(assign).filter(|(_, &n)| n == id).map(|(&l, _)| l as u128).sum(), w as u128)).collect()
+}
+
+/// The busiest node's load per weight.
+fn makespan(per_node: &[(u128, u128)]) -> f64 {
+    per_node.iter().map(|&(l, w)| l as f64 / w as f64).fold(0.0, f64::max)
+}
+
+/// The best makespan over every assignment (small inputs only: m^n of them).
+fn optimum(loads: &[u64], nodes: &[(u32, u64)]) -> f64 {
+    let m = nodes.len();
+    let mut best = f64::INFINITY;
+    let mut assign = vec![0usize; loads.len()];
+    loop {
+        let ids: Vec<u32> = assign.iter().map(|&i| nodes[i].0).collect();
+        best = best.min(makespan(&node_loads(loads, nodes, &ids)));
+        let mut i = 0;
+        while i < assign.len() && assign[i] + 1 == m {
+            assign[i] = 0;
+            i += 1;
+        }
+        if i == assign.len() {
+            return best;
+        }
+        assign[i] += 1;
+    }
+}
+
+/// A one-layer profile of `tokens`, recorded on layer `layer`.
+fn profile(tokens: Vec<u64>, layer: u32) -> Arc<RoutingProfile> {
+    let model = ModelSignature { n_expert: tokens.len() as u32, expert_layers: vec![layer] };
+    Arc::new(RoutingProfile {
+        schema: SCHEMA,
+        model,
+        map: String::new(),
+        layers: vec![LayerRouting { layer, tokens, recent: vec![] }],
+        nodes: vec![],
+    })
+}
+
+/// `text` (a `balanced` map) with `p` loaded, as config loads it when the map is set.
+fn with_profile(text: &str, p: &Arc<RoutingProfile>) -> ExpertMap {
+    let mut m = ExpertMap::parse(text).unwrap();
+    for r in &mut m.rules {
+        if let Body::Balanced { balanced, .. } = &mut r.body {
+            balanced.profile = Some(p.clone());
+            balanced.origin = "profile.json".into();
+        }
+    }
+    m
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+
+    #[test]
+    fn lpt_places_every_expert_once_within_the_greedy_bound(
+        loads in proptest::collection::vec(prop_oneof![Just(0u64), 0u64..1000, 0u64..=u32::MAX as u64], 0..=256),
+        weights in proptest::collection::vec(1u64..=64, 1..=8),
+        equal in any::<bool>(),
+    ) {
+        // node ids out of order and sparse: ties go to the lower id, not the earlier entry
+        let nodes: Vec<(u32, u64)> =
+            weights.iter().enumerate().map(|(i, &w)| ((7 * i as u32 + 3) % 17, if equal { 1 } else { w })).collect();
+        let assign = balanced_assignment(&loads, &nodes);
+        prop_assert_eq!(assign.len(), loads.len());
+        prop_assert!(assign.iter().all(|n| nodes.iter().any(|&(id, _)| id == *n)), "{:?}", assign);
+        let per_node = node_loads(&loads, &nodes, &assign);
+        let total: u128 = loads.iter().map(|&l| l as u128).sum();
+        prop_assert_eq!(per_node.iter().map(|p| p.0).sum::<u128>(), total, "every load counted once");
+        let (m, p) = (nodes.len() as u128, loads.iter().copied().max().unwrap_or(0) as u128);
+        let sum_w: u128 = nodes.iter().map(|&(_, w)| w as u128).sum();
+        for &(l, w) in &per_node {
+            // l / w <= (T + (m-1) p) / W
+            prop_assert!(l * sum_w <= (total + (m - 1) * p) * w, "node load {} weight {} over the bound: {:?}", l, w, per_node);
+        }
+    }
+
+    #[test]
+    fn lpt_is_within_its_ratio_of_the_optimum(
+        loads in proptest::collection::vec(0u64..100, 1..=7),
+        weights in proptest::collection::vec(1u64..=4, 1..=3),
+        equal in any::<bool>(),
+    ) {
+        let nodes: Vec<(u32, u64)> = weights.iter().enumerate().map(|(i, &w)| (i as u32, if equal { 1 } else { w })).collect();
+        let m = nodes.len() as f64;
+        let ratio = if equal { 4.0 / 3.0 - 1.0 / (3.0 * m) } else { 1.0 + 1.0 / 3f64.sqrt() };
+        let lpt = makespan(&node_loads(&loads, &nodes, &balanced_assignment(&loads, &nodes)));
+        let opt = optimum(&loads, &nodes);
+        prop_assert!(lpt <= ratio * opt * (1.0 + 1e-12), "LPT {} vs optimum {} (ratio {})", lpt, opt, ratio);
+    }
+
+    #[test]
+    fn balanced_plans_place_whole_experts_and_compute_every_row_once(
+        topo in machine(),
+        t in tensor(),
+        seed in any::<u64>(),
+        percent in prop_oneof![Just(0u32), 0u32..=150],
+        same_layer in any::<bool>(),
+    ) {
+        let mut s = seed | 1;
+        let tokens: Vec<u64> = (0..t.n_expert).map(|_| { s ^= s << 13; s ^= s >> 7; s ^= s << 17; if s % 4 == 0 { 0 } else { s % 5000 } }).collect();
+        // a layer the profile lacks plans from the profile's totals
+        let p = profile(tokens, if same_layer { t.layer.unwrap() } else { 40 });
+        let map = with_profile(&format!("balanced:profile.json+copies={percent}%"), &p);
+        let Some(plan) = plan_tensor(&topo, &map, &t, &PlanOptions::default()).unwrap() else {
+            return Err(TestCaseError::fail("balanced always plans"));
+        };
+        check_plan(&topo, &t, &plan, false)?;
+        let nodes = topo.compute_nodes();
+        // copies: every node holds a whole copy of a copied expert, within the budget
+        let replica_bytes: u64 = plan.copies[1..].iter().flat_map(|c| &c.extents).map(|e| e.len).sum();
+        prop_assert!(replica_bytes as u128 * 100 <= t.bytes() as u128 * percent as u128, "{} bytes of copies", replica_bytes);
+        prop_assert_eq!(replica_bytes % (t.expert_bytes() * (nodes.len() as u64 - 1).max(1)), 0);
+        for e in 0..t.n_expert {
+            let pieces: Vec<_> = plan.pieces().iter().filter(|x| x.expert == e).collect();
+            let copied = pieces.len() > 1;
+            if !copied {
+                prop_assert_eq!(&pieces[0].rows, &(0..t.rows), "expert {} is whole on one node", e);
+            }
+            prop_assert!(pieces.iter().all(|x| nodes.contains(&x.node)));
+        }
     }
 }
 

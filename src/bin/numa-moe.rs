@@ -13,12 +13,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use numa_moe::expert_map::{ExpertMap, MAX_EXPERTS};
+use numa_moe::expert_map::{Body, ExpertMap, Policy, MAX_EXPERTS};
 use numa_moe::gguf::GgufFile;
 use numa_moe::json;
 use numa_moe::memory::parse_numa_maps;
 use numa_moe::placement::{self, plan_tensor, plan_workers, PlanOptions, TensorPlan};
+use numa_moe::routing::RoutingProfile;
 use numa_moe::topology::{format_gib, render_cpu_list, Topology};
 
 const USAGE: &str = "usage:
@@ -146,8 +148,11 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
     let model = PathBuf::from(a.options.get("model").ok_or("plan needs --model M.gguf")?);
     let topo = a.topology()?;
     let map_text = a.options.get("map").map(String::as_str).unwrap_or("auto");
-    let map = ExpertMap::parse(map_text).map_err(|e| e.to_string())?;
+    let mut map = ExpertMap::parse(map_text).map_err(|e| e.to_string())?;
     map.check_nodes(&topo).map_err(|e| e.to_string())?;
+    // `balanced` rules read their routing profiles, as at load
+    let profile_env = std::env::var(numa_moe::config::ROUTING_PROFILE_ENV).ok().filter(|v| !v.trim().is_empty());
+    let fallback = numa_moe::config::load_profiles(&mut map, &profile_env).map_err(|e| e.to_string())?;
     let gguf = GgufFile::open(&model).map_err(|e| e.to_string())?;
     let experts = gguf.expert_tensors().map_err(|e| format!("{}: {e}", model.display()))?;
     if experts.is_empty() {
@@ -188,6 +193,23 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
         })
         .collect();
     let mut warnings = Vec::new();
+    if let Some(note) = fallback {
+        warnings.push(note.trim_start_matches("numa-moe: warning: ").to_string());
+    }
+    let expected = match first_profile(&map) {
+        Some((origin, profile)) => {
+            let mut rows = Vec::new();
+            for (label, m) in [
+                (map.render(), map.clone()),
+                ("block".to_string(), ExpertMap::policy(Policy::Block)),
+                ("rows".to_string(), ExpertMap::policy(Policy::Rows)),
+            ] {
+                rows.push((label, expected_load(&topo, &m, &experts, &profile, &opts)?));
+            }
+            Some((origin, rows))
+        }
+        None => None,
+    };
     if let Err(e) = placement::check_budget(&loads) {
         warnings.push(e.to_string());
     }
@@ -226,8 +248,20 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
                 )
             })
             .collect();
+        let expected_json = expected.as_ref().map_or(String::new(), |(origin, rows)| {
+            let maps: Vec<String> = rows
+                .iter()
+                .map(|(label, load)| {
+                    let total = load.iter().map(|l| l.1).sum::<u128>().max(1) as f64;
+                    let nodes: Vec<String> =
+                        load.iter().map(|(n, l)| format!("{{\"node\":{n},\"share\":{:.6}}}", *l as f64 / total)).collect();
+                    format!("{{\"map\":{},\"nodes\":[{}]}}", json::string(label), nodes.join(","))
+                })
+                .collect();
+            format!(",\"expected_load\":{{\"profile\":{},\"maps\":[{}]}}", json::string(origin), maps.join(","))
+        });
         println!(
-            "{{\"model\":{},\"architecture\":{},\"expert_tensors\":{},\"expert_bytes\":{},\"map\":{},\"threads\":{},\"nodes\":[{}],\"warnings\":[{}]}}",
+            "{{\"model\":{},\"architecture\":{},\"expert_tensors\":{},\"expert_bytes\":{},\"map\":{},\"threads\":{},\"nodes\":[{}],\"warnings\":[{}]{expected_json}}}",
             json::string(&model.display().to_string()),
             gguf.architecture.as_deref().map_or("null".into(), json::string),
             experts.len(),
@@ -266,10 +300,66 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
             r.share
         );
     }
+    if let Some((origin, rows)) = &expected {
+        print_expected_load(&topo, origin, rows);
+    }
     for w in &warnings {
         println!("warning: {w}");
     }
     Ok(())
+}
+
+/// The first routing profile a `balanced` rule of `map` loaded, and its file.
+fn first_profile(map: &ExpertMap) -> Option<(String, Arc<RoutingProfile>)> {
+    map.rules.iter().find_map(|r| match &r.body {
+        Body::Balanced { balanced, .. } => balanced.profile.clone().map(|p| (balanced.origin.clone(), p)),
+        _ => None,
+    })
+}
+
+/// The work `map` gives each node if the model routes as `profile` recorded: for every
+/// piece, the expert's token-slots times the weight bytes of its rows (what the node's threads
+/// read and multiply). Tensors the map leaves to llama.cpp count for no node.
+fn expected_load(
+    topo: &Topology,
+    map: &ExpertMap,
+    experts: &[placement::ExpertTensor],
+    profile: &RoutingProfile,
+    opts: &PlanOptions,
+) -> Result<Vec<(u32, u128)>, String> {
+    let mut per_node: BTreeMap<u32, u128> = topo.nodes().iter().map(|n| (n.id, 0)).collect();
+    for t in experts {
+        let Some(plan) = plan_tensor(topo, map, t, opts).map_err(|e| e.to_string())? else { continue };
+        let loads = placement::expert_loads(profile, t.layer, t.n_expert);
+        for p in plan.pieces() {
+            *per_node.entry(p.node).or_default() +=
+                loads[p.expert as usize] as u128 * (p.rows.end - p.rows.start) as u128 * t.row_bytes as u128;
+        }
+    }
+    Ok(per_node.into_iter().collect())
+}
+
+/// One line per map: the busiest node's share of the expected work and every node's share
+/// (a node's fair share follows its cores, shown in the header).
+fn print_expected_load(topo: &Topology, origin: &str, rows: &[(String, Vec<(u32, u128)>)]) {
+    println!("expected load per node if the model routes as {origin} recorded (share of the work):");
+    let cores: u64 = topo.nodes().iter().map(|n| n.cores() as u64).sum::<u64>().max(1);
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).clamp(8, 40);
+    print!("  {:<width$}  {:>16}", "map", "busiest");
+    for n in topo.nodes() {
+        print!("  {:>14}", format!("node {} ({:.0}%)", n.id, n.cores() as f64 * 100.0 / cores as f64));
+    }
+    println!();
+    for (label, load) in rows {
+        let total = load.iter().map(|l| l.1).sum::<u128>().max(1) as f64;
+        let share = |l: u128| l as f64 * 100.0 / total;
+        let busiest = load.iter().max_by_key(|l| l.1).map_or("-".into(), |(n, l)| format!("node {n} {:.1}%", share(*l)));
+        print!("  {:<width$}  {:>16}", label, busiest);
+        for (_, l) in load {
+            print!("  {:>14}", format!("{:.1}%", share(*l)));
+        }
+        println!();
+    }
 }
 
 fn cmd_verify(a: &Args) -> Result<(), String> {
