@@ -111,11 +111,7 @@ impl RoutingProfile {
         }
         let layers: Vec<u32> = self.layers.iter().map(|l| l.layer).collect();
         if layers != self.model.expert_layers {
-            return bad(format!(
-                "its layers {:?} are not the model's expert layers {:?}",
-                short(&layers),
-                short(&self.model.expert_layers)
-            ));
+            return bad(format!("its layers {} are not the model's expert layers {}", short(&layers), short(&self.model.expert_layers)));
         }
         if layers.windows(2).any(|w| w[0] >= w[1]) {
             return bad("layers are not in ascending order without repeats".into());
@@ -221,7 +217,7 @@ impl RoutingProfile {
         let mut nodes: Vec<NodeWork> = Vec::new();
         let mut header_seen = false;
         // layer -> per expert (tokens, recent), with the line that gave it
-        let mut cells: BTreeMap<u32, Vec<Option<(u64, Option<u64>, usize)>>> = BTreeMap::new();
+        let mut cells: BTreeMap<u32, Vec<Option<CsvCell>>> = BTreeMap::new();
         let mut last_line = 0;
         for (i, raw) in text.split('\n').enumerate() {
             let line = i + 1;
@@ -372,6 +368,9 @@ impl RoutingProfile {
         self.layers.binary_search_by_key(&layer, |l| l.layer).ok().map(|i| &self.layers[i])
     }
 }
+
+/// One CSV row's counts (tokens, recent) and its line number.
+type CsvCell = (u64, Option<u64>, usize);
 
 /// The CSV header line.
 /// cbindgen:ignore
