@@ -262,3 +262,111 @@ fn output_into_a_closed_pipe_ends_quietly() {
     child.wait().unwrap();
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A routing profile of 8 experts over layers 0, 1 and 3: layer 1 sends every token to
+/// expert 5, layer 3 spreads them evenly, layer 0 favours experts 0-3.
+fn routing_profile(name: &str) -> PathBuf {
+    let json = r#"{ "numa_moe_routing": 1,
+      "model": { "n_expert": 8, "expert_layers": [0, 1, 3] },
+      "map": "rows",
+      "layers": [
+        { "layer": 0, "tokens": [30, 30, 30, 30, 10, 10, 10, 10], "recent": [3, 3, 3, 3, 1, 1, 1, 1] },
+        { "layer": 1, "tokens": [0, 0, 0, 0, 0, 160, 0, 0], "recent": [] },
+        { "layer": 3, "tokens": [20, 20, 20, 20, 20, 20, 20, 20] } ],
+      "nodes": [ { "node": 0, "rows": 1000, "bytes": 4096 }, { "node": 1, "rows": 900, "bytes": 4000 } ] }"#;
+    temp_file(name, json.as_bytes())
+}
+
+/// The text of every `<text>` element of an SVG picture.
+fn svg_texts(svg: &str) -> Vec<String> {
+    svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string())).collect()
+}
+
+/// The row of `layer` in the routing table.
+fn table_row<'a>(out: &'a str, layer: &str) -> Vec<&'a str> {
+    let line = out.lines().find(|l| l.split_whitespace().next() == Some(layer)).unwrap_or_else(|| panic!("no row {layer}: {out}"));
+    line.split_whitespace().collect()
+}
+
+#[test]
+fn routing_summarises_a_profile_and_draws_it() {
+    let file = routing_profile("routing.json");
+    let out_dir = std::env::temp_dir().join(format!("numa-moe-cli-{}-routing-out", std::process::id()));
+    let (code, out, err) =
+        tool(&["routing", file.to_str().unwrap(), "--map", "block", "--topology", TWO_NODES, "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(8 experts, 3 expert layers, recorded under map \"rows\")"), "{out}");
+    // layer 1: one expert takes everything: entropy 0, that expert 100%, and under block
+    // (experts 0-3 on node 0, 4-7 on node 1) node 1 does it all: twice the mean
+    assert_eq!(table_row(&out, "1"), ["1", "160", "0.00", "0.00", "5", "(100.0%)", "block", "2.00"], "{out}");
+    // layer 3: even routing: log2(8) = 3 bits, evenness 1, block even
+    assert_eq!(table_row(&out, "3")[..4], ["3", "160", "3.00", "1.00"], "{out}");
+    assert_eq!(table_row(&out, "3").last(), Some(&"1.00"), "{out}");
+    // layer 0: experts 0-3 hold 120 of 160 slots: node 0 has 1.5 times the mean
+    assert_eq!(table_row(&out, "0")[4..7], ["0", "(18.8%),", "1"], "{out}");
+    assert_eq!(table_row(&out, "0").last(), Some(&"1.50"), "{out}");
+    // the run: (120 + 160 + 80) / (80 + 80 + 80)
+    assert_eq!(table_row(&out, "all").last(), Some(&"1.50"), "{out}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("node   1:") && l.contains(" 900 rows (47.4%)")), "{out}");
+    let heat_labels = ["expert", "layer", "share", "100%"];
+    for (suffix, labels) in [("heatmap", &heat_labels[..]), ("loads", &["node 0", "node 1", "under block (imbalance 1.50)"][..])] {
+        let path = out_dir.join(format!("numa-moe-cli-{}-routing.{suffix}.svg", std::process::id()));
+        assert!(out.contains(&format!("wrote {}", path.display())), "{out}");
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{}", &svg[..80.min(svg.len())]);
+        assert!(svg.trim_end().ends_with("</svg>"));
+        let texts = svg_texts(&svg);
+        for l in labels {
+            assert!(texts.iter().any(|t| t == l), "{suffix} lacks the label {l}: {texts:?}");
+        }
+        if suffix == "heatmap" {
+            // the layer axis (0, 1, 3: no layer 2), then the expert axis (0-7)
+            let axes = ["0", "1", "3", "0", "1", "2", "3", "4", "5", "6", "7"];
+            assert!(texts.windows(axes.len()).any(|w| w == axes), "{texts:?}");
+        }
+    }
+    // the default map is rows, which is even whatever the routing; the pictures go next to FILE
+    let (code, out, err) = tool(&["routing", file.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(table_row(&out, "1")[6..], ["rows", "1.00", "2.00"], "{out}");
+    assert!(file.with_extension("heatmap.svg").exists() && file.with_extension("loads.svg").exists(), "{out}");
+    std::fs::remove_dir_all(&out_dir).unwrap();
+    for f in [file.with_extension("heatmap.svg"), file.with_extension("loads.svg"), file] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
+#[test]
+fn routing_reads_csv_and_refuses_bad_files() {
+    let csv = "# numa_moe_routing 1\n# n_expert 2\n# map \"rows\"\nlayer,expert,tokens,recent\n4,0,7,\n4,1,0,\n";
+    let file = temp_file("routing.csv", csv.as_bytes());
+    let (code, out, err) = tool(&["routing", file.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(table_row(&out, "4")[..6], ["4", "7", "0.00", "0.00", "0", "(100.0%)"], "{out}");
+
+    let (code, _, err) = tool(&["routing", "/nonexistent/routing.json"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read routing profile /nonexistent/routing.json"), "{err}");
+    let bad = temp_file("bad-routing.csv", csv.replace("4,1,0,", "4,1,zero,").as_bytes());
+    let (code, _, err) = tool(&["routing", bad.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("routing profile {}, line 6: tokens \"zero\" is not a whole number", bad.display())), "{err}");
+    let bad =
+        temp_file("bad-routing.json", br#"{ "numa_moe_routing": 1, "model": { "n_expert": 2, "expert_layers": [0] }, "layers": [] }"#);
+    let (code, _, err) = tool(&["routing", bad.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("its layers [] are not the model's expert layers [0]"), "{err}");
+    // a map that does not fit the profile's experts or the machine's nodes
+    let (code, _, err) = tool(&["routing", file.to_str().unwrap(), "--map", "0:0", "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("expert 1 is not mapped"), "{err}");
+    let (code, _, err) = tool(&["routing", file.to_str().unwrap(), "--map", "rows@0,7", "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("node 7 does not exist"), "{err}");
+    let (code, _, err) = tool(&["routing"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("routing needs a FILE"), "{err}");
+    for f in [file.with_extension("heatmap.svg"), file.with_extension("loads.svg"), file] {
+        std::fs::remove_file(f).unwrap();
+    }
+}

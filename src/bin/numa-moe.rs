@@ -4,6 +4,7 @@
 //!   numa-moe check-map MAP [--experts N] [--topology SPEC]
 //!   numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--json]
 //!   numa-moe verify --pid PID [--json]
+//!   numa-moe routing FILE [--map MAP] [--topology SPEC] [--out DIR]
 //!   numa-moe --version
 //!
 //! SPEC is "host", an hwloc synthetic description ("package:2 numa:4 core:8 pu:2") or an
@@ -11,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use numa_moe::gguf::GgufFile;
 use numa_moe::json;
 use numa_moe::memory::parse_numa_maps;
 use numa_moe::placement::{self, plan_tensor, plan_workers, PlanOptions, TensorPlan};
-use numa_moe::routing::RoutingProfile;
+use numa_moe::routing::{self as rt, MapPlacement, RoutingProfile};
 use numa_moe::topology::{format_gib, render_cpu_list, Topology};
 
 const USAGE: &str = "usage:
@@ -28,11 +29,13 @@ const USAGE: &str = "usage:
   numa-moe check-map MAP [--experts N] [--topology SPEC]
   numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--json]
   numa-moe verify --pid PID [--json]
+  numa-moe routing FILE [--map MAP] [--topology SPEC] [--out DIR]
   numa-moe --version
 
 SPEC: \"host\", an hwloc synthetic description such as \"package:2 numa:4 core:8 pu:2\",
 or an hwloc XML file (default: NUMA_MOE_TOPOLOGY, else this machine).
-MAP: see docs/EXPERT_MAP.md (e.g. rows, block, mirror, \"0-7:0,8-15:1\").";
+MAP: see docs/EXPERT_MAP.md (e.g. rows, block, mirror, \"0-7:0,8-15:1\").
+FILE: a routing profile (NUMA_MOE_ROUTING_OUT), JSON or CSV: see docs/ROUTING.md.";
 
 /// Most threads a plan may lay out: ggml's GGML_MAX_N_THREADS (ggml.h of the pinned llama.cpp).
 const MAX_THREADS: usize = 512;
@@ -432,6 +435,318 @@ fn policy_nodes(policy: &str) -> Vec<u32> {
     policy.split_once(':').and_then(|(_, l)| numa_moe::topology::parse_cpu_list(l)).unwrap_or_default()
 }
 
+/// `numa-moe routing FILE`: the per-layer summary of a routing profile, and two pictures next
+/// to it (or in --out DIR): a layer x expert heat map and the per-node load under the map.
+fn cmd_routing(a: &Args) -> Result<(), String> {
+    a.check(&[], &["map", "topology", "out"], 1)?;
+    let file = PathBuf::from(a.positional.first().ok_or("routing needs a FILE (a routing profile, see docs/ROUTING.md)")?);
+    let profile = RoutingProfile::load(&file).map_err(|e| e.to_string())?;
+    let topo = a.topology()?;
+    let map_text = a.options.get("map").map(String::as_str).unwrap_or("rows");
+    let map = ExpertMap::parse(map_text).map_err(|e| e.to_string())?;
+    let under = MapPlacement::plan(&profile, &topo, &map).map_err(|e| e.to_string())?;
+    // block is the usual whole-expert map: the comparison a user choosing one wants
+    let block = if under.map == "block" {
+        None
+    } else {
+        Some(MapPlacement::plan(&profile, &topo, &ExpertMap::parse("block").map_err(|e| e.to_string())?).map_err(|e| e.to_string())?)
+    };
+
+    let m = &profile.model;
+    println!(
+        "routing profile: {} ({} experts, {} expert layers{})",
+        file.display(),
+        m.n_expert,
+        m.expert_layers.len(),
+        if profile.map.is_empty() { String::new() } else { format!(", recorded under map \"{}\"", profile.map) }
+    );
+    println!("machine: {}", topo.render_text().lines().next().unwrap_or(""));
+    let imb_head = |p: &MapPlacement| format!("imbalance({})", p.map);
+    print!(
+        "{:>5}  {:>12}  {:>7}  {:>5}  {:<40}  {:<13}  {:>16}",
+        "layer",
+        "token-slots",
+        "entropy",
+        "even",
+        "hottest experts (share)",
+        "placed by",
+        imb_head(&under)
+    );
+    match &block {
+        Some(b) => println!("  {:>16}", imb_head(b)),
+        None => println!(),
+    }
+    let ratio = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    for l in &profile.layers {
+        let total: u64 = l.tokens.iter().fold(0u64, |s, t| s.saturating_add(*t));
+        let hot = rt::hottest(&l.tokens, 3);
+        let hot = if hot.is_empty() {
+            "-".to_string()
+        } else {
+            hot.iter().map(|h| format!("{} ({:.1}%)", h.expert, h.share * 100.0)).collect::<Vec<_>>().join(", ")
+        };
+        let kind = under.layer(l.layer).map_or("-", |p| p.kind.as_str());
+        print!(
+            "{:>5}  {:>12}  {:>7}  {:>5}  {:<40}  {:<13}  {:>16}",
+            l.layer,
+            total,
+            ratio(rt::entropy_bits(&l.tokens)),
+            ratio(rt::normalised_entropy(&l.tokens)),
+            hot,
+            kind,
+            ratio(under.layer_imbalance(&profile, l.layer))
+        );
+        match &block {
+            Some(b) => println!("  {:>16}", ratio(b.layer_imbalance(&profile, l.layer))),
+            None => println!(),
+        }
+    }
+    let totals = profile.expert_totals();
+    let hot: Vec<String> = rt::hottest(&totals, 3).iter().map(|h| format!("{} ({:.1}%)", h.expert, h.share * 100.0)).collect();
+    print!(
+        "{:>5}  {:>12}  {:>7}  {:>5}  {:<40}  {:<13}  {:>16}",
+        "all",
+        totals.iter().fold(0u64, |s, t| s.saturating_add(*t)),
+        ratio(rt::entropy_bits(&totals)),
+        ratio(rt::normalised_entropy(&totals)),
+        if hot.is_empty() { "-".to_string() } else { hot.join(", ") },
+        "",
+        ratio(under.run_imbalance(&profile))
+    );
+    match &block {
+        Some(b) => println!("  {:>16}", ratio(b.run_imbalance(&profile))),
+        None => println!(),
+    }
+    println!("entropy in bits; even: entropy over log2({}), 1 = every expert used alike; imbalance: the busiest node's load", m.n_expert);
+    println!("per core over the mean (1.00 = even; \"all\": summed over layers, each waiting for its busiest node)");
+    if !profile.nodes.is_empty() {
+        let rows: u64 = profile.nodes.iter().fold(0u64, |s, n| s.saturating_add(n.rows));
+        println!("recorded work per node:");
+        for n in &profile.nodes {
+            let share = if rows > 0 { n.rows as f64 * 100.0 / rows as f64 } else { 0.0 };
+            println!("  node {:>3}: {:>14} rows ({share:.1}%), {} read", n.node, n.rows, format_gib(n.bytes));
+        }
+    }
+
+    let dir = match a.options.get("out") {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            std::fs::create_dir_all(&d).map_err(|e| format!("cannot create --out {}: {e}", d.display()))?;
+            d
+        }
+        None => file.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+    };
+    let stem = file.file_stem().map_or_else(|| "routing".into(), |s| s.to_string_lossy().into_owned());
+    let heat = dir.join(format!("{stem}.heatmap.svg"));
+    let loads = dir.join(format!("{stem}.loads.svg"));
+    let name = file.file_name().map_or_else(String::new, |s| s.to_string_lossy().into_owned());
+    write_svg(&heat, &heatmap_svg(&profile, &name)?)?;
+    let named = |p: &MapPlacement| match p.run_imbalance(&profile) {
+        Some(v) => format!("under {} (imbalance {v:.2})", p.map),
+        None => format!("under {}", p.map),
+    };
+    let mut series = vec![(named(&under), under.loads(&profile, None))];
+    if let Some(b) = &block {
+        series.push((named(b), b.loads(&profile, None)));
+    }
+    if !profile.nodes.is_empty() {
+        series.push(("recorded rows".to_string(), profile.nodes.iter().map(|n| (n.node, n.rows as f64)).collect()));
+    }
+    write_svg(&loads, &loads_svg(&series, &under.weights, &name)?)?;
+    println!("wrote {}", heat.display());
+    println!("wrote {}", loads.display());
+    Ok(())
+}
+
+fn write_svg(path: &Path, svg: &str) -> Result<(), String> {
+    std::fs::write(path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+fn plot_err<E: std::error::Error>(e: E) -> String {
+    format!("cannot draw the picture: {e}")
+}
+
+/// Layer x expert heat map of each layer's token shares, layer 0 at the top, with a colour bar.
+fn heatmap_svg(profile: &RoutingProfile, name: &str) -> Result<String, String> {
+    use plotters::prelude::*;
+    let n_expert = profile.model.n_expert as i32;
+    let n_layers = profile.layers.len().max(1) as i32;
+    let cell_h = (720 / n_layers).clamp(4, 24) as u32;
+    let (width, height) = (1280u32, 150 + cell_h * n_layers as u32);
+    let shares: Vec<Vec<f64>> = profile
+        .layers
+        .iter()
+        .map(|l| {
+            let t: f64 = l.tokens.iter().map(|&x| x as f64).sum();
+            l.tokens.iter().map(|&x| if t > 0.0 { x as f64 / t } else { 0.0 }).collect()
+        })
+        .collect();
+    let max = shares.iter().flatten().copied().fold(0.0, f64::max).max(1e-9);
+    let layer_numbers: Vec<u32> = profile.layers.iter().map(|l| l.layer).collect();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let (main, bar) = root.split_horizontally(width - 130);
+        // cells centred on whole numbers, so the axis labels sit on the cells they name
+        let (xs, ys) = (n_expert as f64, n_layers as f64);
+        let mut chart = ChartBuilder::on(&main)
+            .caption(format!("{name}: share of each layer's token-slots per expert"), ("sans-serif", 20))
+            .margin(10)
+            .x_label_area_size(45)
+            .y_label_area_size(55)
+            .build_cartesian_2d(-0.5..xs - 0.5, ys - 0.5..-0.5)
+            .map_err(plot_err)?;
+        let whole = |v: f64, n: f64| (v >= 0.0 && v < n && (v - v.round()).abs() < 1e-6).then_some(v.round() as usize);
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_labels((n_expert as usize).min(24))
+            .y_labels((n_layers as usize).min(720 / 16))
+            .x_label_formatter(&|v| whole(*v, xs).map_or(String::new(), |e| e.to_string()))
+            .y_label_formatter(&|v| whole(*v, ys).and_then(|i| layer_numbers.get(i)).map_or(String::new(), |l| l.to_string()))
+            .x_desc("expert")
+            .y_desc("layer")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(plot_err)?;
+        // a square-root colour scale: one hot expert does not wash out the rest
+        chart
+            .draw_series(shares.iter().enumerate().flat_map(|(y, row)| {
+                row.iter().enumerate().map(move |(x, &v)| {
+                    let (x, y) = (x as f64, y as f64);
+                    Rectangle::new(
+                        [(x - 0.5, y - 0.5), (x + 0.5, y + 0.5)],
+                        ViridisRGB::get_color_normalized(v.sqrt(), 0.0, max.sqrt()).filled(),
+                    )
+                })
+            }))
+            .map_err(plot_err)?;
+        // the colour bar, on the same square-root scale, labelled in shares
+        let top = (max * 100.0).sqrt();
+        let mut legend = ChartBuilder::on(&bar)
+            .caption("share", ("sans-serif", 15))
+            .margin_top(40)
+            .margin_bottom(55)
+            .margin_right(10)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..1.0, 0.0..top)
+            .map_err(plot_err)?;
+        legend
+            .configure_mesh()
+            .disable_mesh()
+            .disable_x_axis()
+            .y_labels(10)
+            .y_label_formatter(&|v| {
+                let pct = v * v;
+                if pct >= 10.0 || pct == 0.0 {
+                    format!("{pct:.0}%")
+                } else if pct >= 1.0 {
+                    format!("{pct:.1}%")
+                } else {
+                    format!("{pct:.2}%")
+                }
+            })
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(plot_err)?;
+        let steps = 100;
+        legend
+            .draw_series((0..steps).map(|i| {
+                let (lo, hi) = (top * i as f64 / steps as f64, top * (i + 1) as f64 / steps as f64);
+                Rectangle::new([(0.0, lo), (1.0, hi)], ViridisRGB::get_color_normalized(lo, 0.0, top).filled())
+            }))
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
+/// Per-node bars: each series' share of the total load on each node, with each node's even
+/// share (by cores) marked.
+fn loads_svg(series: &[(String, Vec<(u32, f64)>)], weights: &BTreeMap<u32, u64>, name: &str) -> Result<String, String> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let mut nodes: Vec<u32> = series.iter().flat_map(|s| s.1.iter().map(|x| x.0)).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let shares: Vec<Vec<f64>> = series
+        .iter()
+        .map(|(_, loads)| {
+            let total: f64 = loads.iter().map(|x| x.1).sum();
+            nodes
+                .iter()
+                .map(|n| loads.iter().find(|x| x.0 == *n).map_or(0.0, |x| if total > 0.0 { x.1 * 100.0 / total } else { 0.0 }))
+                .collect()
+        })
+        .collect();
+    let w = |n: &u32| weights.get(n).copied().unwrap_or(1).max(1) as f64;
+    let w_total: f64 = nodes.iter().map(w).sum();
+    let even: Vec<f64> = nodes.iter().map(|n| w(n) * 100.0 / w_total).collect();
+    let top = shares.iter().flatten().chain(&even).copied().fold(0.0, f64::max).max(1.0) * 1.45; // room for the legend
+    let width = (160 + 90 * nodes.len() as u32 * series.len().max(1) as u32).clamp(640, 1600);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (width, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{name}: share of the expert work per node"), ("sans-serif", 20))
+            .margin(15)
+            .x_label_area_size(50)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.5..(nodes.len() as f64 - 0.5), 0.0..top)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(0)
+            .x_label_formatter(&|_| String::new())
+            .y_label_formatter(&|v| format!("{v:.0}%"))
+            .x_desc("node")
+            .y_desc("share of the work")
+            .label_style(("sans-serif", 13))
+            .draw()
+            .map_err(plot_err)?;
+        let k = series.len().max(1) as f64;
+        let bar = 0.8 / k;
+        for (j, ((label, _), vals)) in series.iter().zip(&shares).enumerate() {
+            let colour = Palette99::pick(j).to_rgba();
+            chart
+                .draw_series(vals.iter().enumerate().map(|(i, &v)| {
+                    let x0 = i as f64 - 0.4 + j as f64 * bar;
+                    Rectangle::new([(x0, 0.0), (x0 + bar * 0.92, v)], colour.filled())
+                }))
+                .map_err(plot_err)?
+                .label(label.as_str())
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
+        }
+        chart
+            .draw_series(
+                even.iter()
+                    .enumerate()
+                    .map(|(i, &v)| PathElement::new(vec![(i as f64 - 0.45, v), (i as f64 + 0.45, v)], BLACK.stroke_width(2))),
+            )
+            .map_err(plot_err)?
+            .label("even share (by cores)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 10, y)], BLACK.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(plot_err)?;
+        let style = ("sans-serif", 14).into_font().color(&BLACK).pos(Pos::new(HPos::Center, VPos::Top));
+        for (i, n) in nodes.iter().enumerate() {
+            let (px, py) = chart.backend_coord(&(i as f64, 0.0));
+            root.draw(&Text::new(format!("node {n}"), (px, py + 6), style.clone())).map_err(plot_err)?;
+        }
+        root.present().map_err(plot_err)?;
+    }
+    Ok(svg)
+}
+
 fn main() -> ExitCode {
     numa_moe::sys::default_sigpipe();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -442,7 +757,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let with_value = ["topology", "map", "model", "threads", "pid", "experts"];
+    let with_value = ["topology", "map", "model", "threads", "pid", "experts", "out"];
     let result = match cmd {
         "--version" | "-V" | "version" => {
             println!("numa-moe {}", env!("CARGO_PKG_VERSION"));
@@ -452,11 +767,12 @@ fn main() -> ExitCode {
             println!("{USAGE}");
             Ok(())
         }
-        "topology" | "check-map" | "plan" | "verify" => match parse_args(rest, &with_value) {
+        "topology" | "check-map" | "plan" | "verify" | "routing" => match parse_args(rest, &with_value) {
             Ok(a) => match cmd {
                 "topology" => cmd_topology(&a),
                 "check-map" => cmd_check_map(&a),
                 "plan" => cmd_plan(&a),
+                "routing" => cmd_routing(&a),
                 _ => cmd_verify(&a),
             },
             Err(e) => Err(e),
