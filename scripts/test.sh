@@ -94,6 +94,8 @@ suite_e2e() {
     tests/e2e/run.sh || rc=1
     echo "hardening (80 thread groups, a fault after the decision point, replicas, batch threads):"
     tests/e2e/hardening.sh || rc=1
+    echo "routing statistics, numa-moe routing, the balanced map (tests/e2e/routing.sh):"
+    tests/e2e/routing.sh || rc=1
     echo "llama-server soak, 4 slots, stock against numa-moe (tests/e2e/soak.sh):"
     tests/e2e/soak.sh || rc=1
     return $rc

@@ -16,8 +16,9 @@
 //!
 //! `tokens[e]` counts (token, slot) pairs routed to expert `e` in that layer over the whole
 //! run (one per MUL_MAT_ID op of the layer: gate, up and down each see the same routing, so
-//! the recorder counts one op per layer, the first one it sees); `recent` the same over the
-//! last [`RECENT_TOKENS`] routed tokens of the layer.
+//! the recorder counts one op per layer, its `ffn_down_exps`); `recent` the same over the
+//! layer's recent tokens: the previous and the current epoch of [`RECENT_TOKENS`] routed
+//! tokens each, so between one and two windows.
 //!
 //! CSV is the same profile in long form, one row per (layer, expert), with the signature,
 //! the map and the per-node work on `#` lines before the header (so `pandas.read_csv(f,

@@ -370,3 +370,26 @@ fn routing_reads_csv_and_refuses_bad_files() {
         std::fs::remove_file(f).unwrap();
     }
 }
+
+#[test]
+fn check_map_reads_balanced_profiles() {
+    // a 4-expert profile: fine for 4 experts, refused for 8 with the file named
+    let dir = std::env::temp_dir().join(format!("numa-moe-cli-balanced-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("p.json");
+    let p = numa_moe::routing::RoutingProfile {
+        schema: numa_moe::routing::SCHEMA,
+        model: numa_moe::routing::ModelSignature { n_expert: 4, expert_layers: vec![0] },
+        map: "rows".into(),
+        layers: vec![numa_moe::routing::LayerRouting { layer: 0, tokens: vec![9, 1, 1, 1], recent: vec![] }],
+        nodes: vec![],
+    };
+    p.save(&path).unwrap();
+    let map = format!("balanced:{}", path.display());
+    let (code, out, _) = tool(&["check-map", &map, "--experts", "4"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, _, err) = tool(&["check-map", &map, "--experts", "8"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("p.json was recorded on a model with 4 experts; this one has 8"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -127,8 +127,13 @@ fn cmd_check_map(a: &Args) -> Result<(), String> {
     a.check(&[], &["topology", "experts"], 1)?;
     let text = a.positional.first().ok_or("check-map needs a MAP")?;
     let t = a.topology()?;
-    let map = ExpertMap::parse(text).map_err(|e| e.to_string())?;
+    let mut map = ExpertMap::parse(text).map_err(|e| e.to_string())?;
     map.check_nodes(&t).map_err(|e| e.to_string())?;
+    // `balanced` rules read their routing profiles, as at load (and --experts checks them)
+    let profile_env = std::env::var(numa_moe::config::ROUTING_PROFILE_ENV).ok().filter(|v| !v.trim().is_empty());
+    if let Some(fallback) = numa_moe::config::load_profiles(&mut map, &profile_env).map_err(|e| e.to_string())? {
+        eprintln!("{fallback}");
+    }
     if let Some(n) = a.number("experts", 1..=MAX_EXPERTS)? {
         map.check_experts(n).map_err(|e| e.to_string())?;
     }

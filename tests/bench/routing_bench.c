@@ -9,7 +9,8 @@
 // 2. Balance: routing drawn from a Zipf distribution over the experts (exponent S, default
 //    1.2, the same draw every time). The ops run under `block`, the hook's own counters give
 //    each node's rows; the recorded profile then plans `balanced:FILE` and the same ops run
-//    again. Prints the busiest node's share over the mean for block, balanced and rows.
+//    again. Prints the busiest node's rows over the mean for block, balanced and rows, from
+//    the hook's own counters, with at least one thread per node.
 //    Run it with NUMA_MOE_TOPOLOGY describing a 2- and a 4-node machine (make bench does).
 //
 // Prints markdown tables on stdout.
@@ -220,6 +221,8 @@ static double balance_under(ggml_backend_t be, const uint8_t * wbytes, const cha
 static void balance(ggml_backend_t be, const uint8_t * wbytes) {
     size_t n = 0;
     numa_moe_topology_node_count(&n);
+    // a thread on every node, so every node's group computes its own pieces
+    ggml_backend_cpu_set_n_threads(be, g_threads > (int) n ? g_threads : (int) n);
     char path[64];
     snprintf(path, sizeof path, "/tmp/routing-bench-%d.json", (int) getpid());
     printf("## Zipf routing (s = %.2f, 128 experts, 8 used, 16 ops of 32 tokens) on %zu nodes: busiest node's rows over the mean\n\n", g_zipf, n);
