@@ -92,7 +92,7 @@ fi
 # without extra buffer types (--no-repack), the layout numa-moe's kernels are held to.
 text=$OUT/kld.txt
 for i in $(seq 1 60); do echo "Line $i of a text long enough for two chunks of perplexity; the fox keeps jumping."; done > "$text"
-kld_stats() { sed -n '/^====== Perplexity statistics/,$p' "$1"; }
+kld_stats() { sed -n '/^====== Perplexity statistics/,$p' "$1" | grep -v '^numa-moe: '; }  # numa-moe's exit report is not llama.cpp's
 # ppl_run OUT LAST COMMAND...: llama-perplexity's output in OUT, retried when llama.cpp's
 # logger lost its last line (matching LAST) at exit
 ppl_run() {
