@@ -86,17 +86,29 @@ impl LayerStats {
     }
 }
 
-/// Rows and bytes of one node.
-#[derive(Default)]
+/// Rows and bytes of one node, on a cache line of its own (threads of different nodes add
+/// to their own node's counters at the end of every op).
+#[repr(align(64))]
 struct NodeCounters {
     rows: AtomicU64,
     bytes: AtomicU64,
+    /// Whether the node ever did work (nodes listed in the profile).
+    seen: AtomicBool,
 }
+
+impl NodeCounters {
+    const fn new() -> Self {
+        NodeCounters { rows: AtomicU64::new(0), bytes: AtomicU64::new(0), seen: AtomicBool::new(false) }
+    }
+}
+
+/// One counter set per possible node id (Linux has at most 1024 nodes; see MAX_NODES).
+static NODES: [NodeCounters; crate::expert_map::MAX_NODES as usize] =
+    [const { NodeCounters::new() }; crate::expert_map::MAX_NODES as usize];
 
 #[derive(Default)]
 struct Registry {
     layers: Mutex<BTreeMap<u32, Arc<LayerStats>>>,
-    nodes: Mutex<BTreeMap<u32, Arc<NodeCounters>>>,
 }
 
 static REGISTRY: OnceLock<Registry> = OnceLock::new();
@@ -143,15 +155,18 @@ impl WorkTally {
         if self.rows == 0 && self.bytes == 0 {
             return;
         }
-        let c = registry().nodes.lock().entry(node).or_default().clone();
+        let Some(c) = NODES.get(node as usize) else { return };
         c.rows.fetch_add(self.rows, Ordering::Relaxed);
         c.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        if !c.seen.load(Ordering::Relaxed) {
+            c.seen.store(true, Ordering::Relaxed);
+        }
     }
 }
 
 /// What one node did so far: (rows, bytes).
 pub fn node_work(node: u32) -> (u64, u64) {
-    registry().nodes.lock().get(&node).map_or((0, 0), |c| (c.rows.load(Ordering::Relaxed), c.bytes.load(Ordering::Relaxed)))
+    NODES.get(node as usize).map_or((0, 0), |c| (c.rows.load(Ordering::Relaxed), c.bytes.load(Ordering::Relaxed)))
 }
 
 /// The layers with recorded routing.
@@ -164,7 +179,7 @@ pub fn reset() {
     for l in layers() {
         l.reset();
     }
-    for c in registry().nodes.lock().values() {
+    for c in NODES.iter().filter(|c| c.seen.load(Ordering::Relaxed)) {
         c.rows.store(0, Ordering::Relaxed);
         c.bytes.store(0, Ordering::Relaxed);
     }
@@ -179,11 +194,11 @@ pub fn profile(map: &str) -> Option<RoutingProfile> {
     if layers.iter().all(|l| l.tokens().iter().all(|&t| t == 0)) {
         return None;
     }
-    let nodes = registry()
-        .nodes
-        .lock()
+    let nodes = NODES
         .iter()
-        .map(|(&node, c)| NodeWork { node, rows: c.rows.load(Ordering::Relaxed), bytes: c.bytes.load(Ordering::Relaxed) })
+        .enumerate()
+        .filter(|(_, c)| c.seen.load(Ordering::Relaxed))
+        .map(|(node, c)| NodeWork { node: node as u32, rows: c.rows.load(Ordering::Relaxed), bytes: c.bytes.load(Ordering::Relaxed) })
         .collect();
     Some(RoutingProfile {
         schema: SCHEMA,
