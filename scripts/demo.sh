@@ -47,6 +47,16 @@ if [ "$("$CLI" topology --json | grep -o '"id":' | wc -l)" -lt 2 ]; then
     fi
 fi
 
+say "how the model routes: NUMA_MOE_ROUTING_OUT, numa-moe routing, and a balanced map from it"
+NUMA_MOE_ROUTING_OUT=$OUT/routing.json NUMA_MOE_EXPERT_MAP=block numa_moe "$root/tests/topologies/xeon-2s.xml" \
+    "$B/llama-completion" -m "$MODEL" -p "Once upon a time" -n 32 --temp 0 --seed 1 -no-cnv -t 2 > /dev/null 2> "$OUT/routing.err"
+grep -E "^numa-moe: (routing|rows computed)" "$OUT/routing.err"
+if [ -s "$OUT/routing.json" ]; then
+    "$CLI" routing "$OUT/routing.json" --map block --topology "$root/tests/topologies/xeon-2s.xml"
+    "$CLI" plan --model "$MODEL" --map "balanced:$OUT/routing.json" --topology "$root/tests/topologies/xeon-2s.xml" 2>&1 |
+        sed -n '/expected/,$p'
+fi
+
 say "a running llama-server, checked from outside (numa-moe verify --pid)"
 LD_PRELOAD=$LIB "$B/llama-server" -m "$MODEL" --numa-expert-map rows -t 2 --port 0 > "$OUT/server.log" 2>&1 &
 server=$!
