@@ -136,8 +136,10 @@ impl RoutingProfile {
         Ok(())
     }
 
+    /// Pretty JSON with every array of numbers on one line (a layer's counts are one line,
+    /// not one line per expert).
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).unwrap_or_default()
+        collapse_number_arrays(&serde_json::to_string_pretty(self).unwrap_or_default())
     }
 
     pub fn from_json(text: &str, origin: &str) -> Result<Self, Error> {
@@ -394,6 +396,31 @@ fn clip(s: &str) -> String {
         Some((i, _)) => format!("{}...", &s[..i]),
         None => s.to_string(),
     }
+}
+
+/// `[\n  1,\n  2\n]` -> `[1, 2]` for arrays holding only numbers; everything else unchanged.
+fn collapse_number_arrays(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut rest = json;
+    while let Some(i) = rest.find('[') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i + 1..];
+        let end = tail.find(']').unwrap_or(tail.len());
+        let inner = &tail[..end];
+        let numbers = inner.chars().all(|c| c.is_ascii_digit() || c == ',' || c == '-' || c == '.' || c.is_whitespace());
+        if numbers && end < tail.len() {
+            let items: Vec<&str> = inner.split(',').map(str::trim).filter(|x| !x.is_empty()).collect();
+            out.push('[');
+            out.push_str(&items.join(", "));
+            out.push(']');
+            rest = &tail[end + 1..];
+        } else {
+            out.push('[');
+            rest = tail;
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn short(v: &[u32]) -> String {
@@ -673,6 +700,7 @@ mod tests {
     #[test]
     fn json_round_trips() {
         let p = sample();
+        assert!(p.to_json().contains("\"tokens\": [10, 0, 5, 1]"), "{}", p.to_json());
         let back = RoutingProfile::from_json(&p.to_json(), "t").unwrap();
         assert_eq!(back, p);
         assert_eq!(p.expert_totals(), vec![10, 7, 12, 3]);

@@ -339,7 +339,7 @@ fn routing_summarises_a_profile_and_draws_it() {
 #[test]
 fn routing_reads_csv_and_refuses_bad_files() {
     let csv = "# numa_moe_routing 1\n# n_expert 2\n# map \"rows\"\nlayer,expert,tokens,recent\n4,0,7,\n4,1,0,\n";
-    let file = temp_file("routing.csv", csv.as_bytes());
+    let file = temp_file("routing-from-csv.csv", csv.as_bytes());
     let (code, out, err) = tool(&["routing", file.to_str().unwrap(), "--topology", TWO_NODES]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(table_row(&out, "4")[..6], ["4", "7", "0.00", "0.00", "0", "(100.0%)"], "{out}");

@@ -172,6 +172,9 @@ static void test_map_errors_name_the_problem(void) {
     CHECK(strstr(last_error(), "the expert map is empty") != NULL, "got '%s'", g_err);
     CHECK(numa_moe_config_set_map("bogus") == NUMA_MOE_RESULT_INVALID_MAP);
     CHECK(strstr(last_error(), "unknown policy \"bogus\"") != NULL, "got '%s'", g_err);
+    // balanced:FILE reads its profile: a missing file is named
+    CHECK(numa_moe_map_check("balanced:/nonexistent/p.json", 0) == NUMA_MOE_RESULT_INVALID_MAP);
+    CHECK(strstr(last_error(), "/nonexistent/p.json") != NULL, "got '%s'", g_err);
 }
 
 static void test_map_render(void) {
