@@ -633,32 +633,53 @@ pub struct WorkerSlot {
     pub cpu: u32,
 }
 
-/// Lays out `n_threads` workers: contiguous blocks per node (nodes with usable CPUs, in
-/// order), sized by the node's cores, at least one per node while threads last; inside a
-/// node, physical cores first and SMT siblings only once every core has a worker.
-pub fn plan_workers(topo: &Topology, n_threads: usize) -> Vec<WorkerSlot> {
-    let nodes: Vec<_> = topo.nodes().iter().filter(|n| n.has_cpus()).collect();
-    if nodes.is_empty() || n_threads == 0 {
+/// The node index (into `weights`) of each of the first `len` workers. Every node with weight
+/// gets one worker first (heaviest first, lower index on ties), so that with at least as many
+/// threads as nodes each node computes its own pieces; every further worker goes to the node
+/// furthest below its weighted share. A worker's node depends on its index only, never on how
+/// many workers there are: switching between llama.cpp's n_threads and n_threads_batch moves
+/// no thread, and the workers 0..n of any n are spread by weight.
+pub fn worker_sequence(weights: &[u64], len: usize) -> Vec<usize> {
+    let total: u64 = weights.iter().sum();
+    if total == 0 {
         return Vec::new();
     }
-    let weights: Vec<u64> = nodes.iter().map(|n| n.cores() as u64).collect();
-    let mut counts = apportion(n_threads as u64, &weights);
-    // Every node gets a worker while there are enough threads: take from the largest block.
-    if n_threads >= nodes.len() {
-        while let Some(z) = counts.iter().position(|&c| c == 0) {
-            let max = (0..counts.len()).max_by_key(|&i| (counts[i], usize::MAX - i)).expect("non-empty");
-            counts[max] -= 1;
-            counts[z] += 1;
-        }
-    }
-    let mut out = Vec::with_capacity(n_threads);
-    for (node, c) in nodes.iter().zip(counts) {
-        let order = node.cpus_cores_first();
-        for i in 0..c as usize {
-            out.push(WorkerSlot { node: node.id, cpu: order[i % order.len()].os });
-        }
+    let mut first: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0).collect();
+    first.sort_by_key(|&i| (std::cmp::Reverse(weights[i]), i));
+    let mut taken = vec![0u64; weights.len()];
+    let mut out = Vec::with_capacity(len);
+    for k in 1..=len as u64 {
+        let pick = match first.get(k as usize - 1) {
+            Some(&i) => i,
+            // deficit of i after k picks: w_i * k / total - taken_i, compared times total
+            None => (0..weights.len())
+                .max_by_key(|&i| {
+                    ((weights[i] as u128 * k as u128) as i128 - (taken[i] as u128 * total as u128) as i128, std::cmp::Reverse(i))
+                })
+                .expect("non-empty"),
+        };
+        taken[pick] += 1;
+        out.push(pick);
     }
     out
+}
+
+/// Lays out `n_threads` workers as the hook does: worker i on the node [`worker_sequence`]
+/// gives it over the nodes with usable CPUs, weighted by cores; inside a node, physical cores
+/// first and SMT siblings only once every core has a worker.
+pub fn plan_workers(topo: &Topology, n_threads: usize) -> Vec<WorkerSlot> {
+    let nodes: Vec<_> = topo.nodes().iter().filter(|n| n.has_cpus()).collect();
+    let weights: Vec<u64> = nodes.iter().map(|n| n.cores() as u64).collect();
+    let orders: Vec<_> = nodes.iter().map(|n| n.cpus_cores_first()).collect();
+    let mut on_node = vec![0usize; nodes.len()];
+    worker_sequence(&weights, n_threads)
+        .into_iter()
+        .map(|i| {
+            let cpu = orders[i][on_node[i] % orders[i].len()].os;
+            on_node[i] += 1;
+            WorkerSlot { node: nodes[i].id, cpu }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -899,14 +920,16 @@ mod tests {
     }
 
     #[test]
-    fn workers_are_contiguous_per_node_and_cores_first() {
+    fn workers_alternate_by_cores_and_take_cores_first() {
+        // the layout the hook pins to: worker i's node depends on i only
         let topo = Topology::from_synthetic("package:2 numa:1 core:2 pu:2").unwrap();
         let w = plan_workers(&topo, 6);
         let nodes: Vec<u32> = w.iter().map(|s| s.node).collect();
-        assert_eq!(nodes, vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(nodes, vec![0, 1, 0, 1, 0, 1]);
         let n0 = topo.node(0).unwrap();
         let smt = |cpu: u32| n0.cpus.iter().find(|c| c.os == cpu).map(|c| c.smt);
-        assert_eq!((smt(w[0].cpu), smt(w[1].cpu), smt(w[2].cpu)), (Some(0), Some(0), Some(1)));
+        assert_eq!((smt(w[0].cpu), smt(w[2].cpu), smt(w[4].cpu)), (Some(0), Some(0), Some(1)));
+        assert_eq!(plan_workers(&topo, 4)[..], w[..4]);
         // fewer threads than nodes: still valid
         assert_eq!(plan_workers(&topo, 1).len(), 1);
         // more threads than CPUs wrap around

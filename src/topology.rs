@@ -871,7 +871,7 @@ mod tests {
         let first: Vec<u32> = t.node(0).unwrap().cpus_cores_first().iter().map(|c| c.os).collect();
         assert_eq!(first, vec![0, 2, 8, 10]);
         let w = crate::placement::plan_workers(&t, 4);
-        assert_eq!(w.iter().map(|s| (s.node, s.cpu)).collect::<Vec<_>>(), vec![(0, 0), (0, 2), (1, 1), (1, 3)]);
+        assert_eq!(w.iter().map(|s| (s.node, s.cpu)).collect::<Vec<_>>(), vec![(0, 0), (1, 1), (0, 2), (1, 3)]);
         assert_eq!(t.node_of_cpu(9), Some(1));
     }
 

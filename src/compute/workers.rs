@@ -6,44 +6,24 @@
 //!   one node *inside* the set ggml's threadpool gave it (`--cpu-mask`, `--cpu-range`,
 //!   `--cpu-strict`, taskset, cgroups), and is left alone when that set lies on one node.
 //! - a worker's node depends on its index only, never on the op's thread count: the nodes
-//!   are dealt out in a sequence whose every prefix is balanced by cores, so the threads
-//!   0..n of any n are spread evenly, and switching between llama.cpp's n_threads and
-//!   n_threads_batch moves no thread.
+//!   are dealt out by [`crate::placement::worker_sequence`] (one per node first, then by
+//!   cores), so the threads 0..n of any n are spread evenly, and switching between
+//!   llama.cpp's n_threads and n_threads_batch moves no thread.
 
 use std::collections::BTreeMap;
 
+use crate::placement::{plan_workers, worker_sequence};
 use crate::topology::{NumaNode, Topology};
-
-/// Indices into `weights` such that every prefix of the sequence gives each index a share
-/// within one of its weighted share (largest deficit first, lowest index on ties).
-pub fn balanced_sequence(weights: &[u64], len: usize) -> Vec<usize> {
-    let total: u64 = weights.iter().sum();
-    if weights.is_empty() || total == 0 {
-        return Vec::new();
-    }
-    let mut taken = vec![0u64; weights.len()];
-    let mut out = Vec::with_capacity(len);
-    for k in 1..=len as u64 {
-        // deficit of i after k picks: w_i * k / total - taken_i, compared times total
-        let pick = (0..weights.len())
-            .max_by_key(|&i| ((weights[i] * k) as i128 - (taken[i] * total) as i128, std::cmp::Reverse(i)))
-            .expect("non-empty");
-        taken[pick] += 1;
-        out.push(pick);
-    }
-    out
-}
 
 /// The node worker `ith` works for among `nodes` (id, weight).
 pub fn node_of_worker(nodes: &[(u32, u64)], ith: usize) -> Option<u32> {
     let weights: Vec<u64> = nodes.iter().map(|n| n.1).collect();
-    balanced_sequence(&weights, ith + 1).last().map(|&i| nodes[i].0)
+    worker_sequence(&weights, ith + 1).last().map(|&i| nodes[i].0)
 }
 
-/// The slot of worker `ith` on a described machine: every node with CPUs, weighted by cores.
+/// The node of worker `ith` on a described machine: its slot in [`plan_workers`].
 pub fn described_node(topo: &Topology, ith: usize) -> u32 {
-    let nodes: Vec<(u32, u64)> = topo.nodes().iter().filter(|n| n.has_cpus()).map(|n| (n.id, n.cores() as u64)).collect();
-    node_of_worker(&nodes, ith).unwrap_or_else(|| topo.node_ids()[0])
+    plan_workers(topo, ith + 1).last().map_or_else(|| topo.node_ids()[0], |w| w.node)
 }
 
 /// Where a worker thread on the host should run.
@@ -140,7 +120,7 @@ mod tests {
     fn every_prefix_of_the_sequence_is_balanced() {
         for weights in [vec![1u64, 1], vec![3, 1], vec![8, 8, 8, 8], vec![5, 3, 2], vec![1; 80]] {
             let total: u64 = weights.iter().sum();
-            let seq = balanced_sequence(&weights, 300);
+            let seq = worker_sequence(&weights, 300);
             let mut taken = vec![0u64; weights.len()];
             for (k, &i) in seq.iter().enumerate() {
                 taken[i] += 1;
@@ -151,6 +131,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_node_gets_a_worker_when_there_are_enough() {
+        // 3 cores against 1: with 2 threads the small node still computes its own pieces
+        assert_eq!(worker_sequence(&[3, 1], 2), vec![0, 1]);
+        assert_eq!(worker_sequence(&[1, 3], 2), vec![1, 0]);
+        let seq = worker_sequence(&[6, 1, 1], 8);
+        assert_eq!(seq[..3].iter().copied().collect::<std::collections::BTreeSet<_>>().len(), 3);
+        assert_eq!(seq.iter().filter(|&&i| i == 0).count(), 6);
+        assert!(worker_sequence(&[0, 0], 3).is_empty());
     }
 
     #[test]
