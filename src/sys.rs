@@ -373,38 +373,81 @@ pub fn getcpu() -> Result<(u32, u32), SysError> {
     }
 }
 
+/// A thread's CPU set as the kernel keeps it (a cpu_set_t: CPUs below 1024). Comparing two
+/// is a plain memory compare, so a worker can check every op, without allocating, whether
+/// its set is still the one it left.
+#[derive(Clone, Copy)]
+pub struct CpuMask(libc::cpu_set_t);
+
+impl PartialEq for CpuMask {
+    fn eq(&self, other: &Self) -> bool {
+        // SAFETY: both are valid cpu_set_t values; CPU_EQUAL only reads them.
+        unsafe { libc::CPU_EQUAL(&self.0, &other.0) }
+    }
+}
+
+impl Eq for CpuMask {}
+
+impl std::fmt::Debug for CpuMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CpuMask({:?})", self.cpus())
+    }
+}
+
+impl CpuMask {
+    const BITS: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
+
+    /// The calling thread's CPUs.
+    pub fn of_this_thread() -> Result<Self, SysError> {
+        // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: set is a valid cpu_set_t of the size passed.
+        let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        if r != 0 {
+            return Err(SysError::last("sched_getaffinity"));
+        }
+        Ok(CpuMask(set))
+    }
+
+    /// The set of `cpus` (those at or above 1024 are left out).
+    pub fn from_cpus(cpus: &[u32]) -> Self {
+        // SAFETY: zeroed cpu_set_t is the empty set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in cpus {
+            if (c as usize) < Self::BITS {
+                // SAFETY: c is below the set's bit width.
+                unsafe { libc::CPU_SET(c as usize, &mut set) };
+            }
+        }
+        CpuMask(set)
+    }
+
+    /// The CPUs in the set, ascending.
+    pub fn cpus(&self) -> Vec<u32> {
+        // SAFETY: CPU_ISSET reads within the set for indices below its bit width.
+        (0..Self::BITS).filter(|&c| unsafe { libc::CPU_ISSET(c, &self.0) }).map(|c| c as u32).collect()
+    }
+
+    /// Restricts the calling thread to this set.
+    pub fn apply_to_this_thread(&self) -> Result<(), SysError> {
+        // SAFETY: the set is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
+        let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(SysError::last("sched_setaffinity"))
+        }
+    }
+}
+
 /// CPUs the calling thread may run on.
 pub fn thread_affinity() -> Result<Vec<u32>, SysError> {
-    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid cpu_set_t of the size passed.
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if r != 0 {
-        return Err(SysError::last("sched_getaffinity"));
-    }
-    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    // SAFETY: CPU_ISSET reads within the set for indices below its bit width.
-    Ok((0..max).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).map(|c| c as u32).collect())
+    CpuMask::of_this_thread().map(|m| m.cpus())
 }
 
 /// Restricts the calling thread to `cpus`.
 pub fn set_thread_affinity(cpus: &[u32]) -> Result<(), SysError> {
-    // SAFETY: zeroed cpu_set_t is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    for &c in cpus {
-        if (c as usize) < max {
-            // SAFETY: c is below the set's bit width.
-            unsafe { libc::CPU_SET(c as usize, &mut set) };
-        }
-    }
-    // SAFETY: set is a valid cpu_set_t of the size passed; pid 0 is the calling thread.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(SysError::last("sched_setaffinity"))
-    }
+    CpuMask::from_cpus(cpus).apply_to_this_thread()
 }
 
 #[cfg(test)]
@@ -418,6 +461,16 @@ mod tests {
         assert!(m.contains(64) && !m.contains(1));
         assert_eq!(m.maxnode(), 2 * 64 + 1);
         assert!(NodeMask::new().is_empty());
+    }
+
+    #[test]
+    fn cpu_masks_round_trip_and_compare_by_content() {
+        let m = CpuMask::from_cpus(&[0, 3, 64, 1023, 5000]);
+        assert_eq!(m.cpus(), vec![0, 3, 64, 1023]);
+        assert_eq!(m, CpuMask::from_cpus(&[1023, 64, 3, 0]));
+        assert_ne!(m, CpuMask::from_cpus(&[0, 3, 64]));
+        let here = CpuMask::of_this_thread().unwrap();
+        assert_eq!(here.cpus(), thread_affinity().unwrap());
     }
 
     #[test]

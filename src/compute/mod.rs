@@ -33,6 +33,7 @@ use crate::buffer::{NumaBuffer, PlacedTensor};
 use crate::config::{PinMode, Runtime};
 use crate::ggml::{Api, NumaMoeComputeParams};
 use crate::placement::Piece;
+use crate::sys::CpuMask;
 use mmid::MmidOp;
 use work::Work;
 use workers::{assign, PinPlan};
@@ -53,9 +54,16 @@ pub static WORKER_PINS: AtomicU64 = AtomicU64::new(0);
 struct Pinned {
     ith: usize,
     /// The CPU set ggml (or the OS) gave the thread.
-    allowed: Vec<u32>,
-    /// What numa-moe narrowed it to, and the node.
-    plan: PinPlan,
+    allowed: CpuMask,
+    /// What numa-moe narrowed it to (`None`: left as it was), and the node.
+    pinned: Option<(CpuMask, u32)>,
+}
+
+impl Pinned {
+    /// The set the thread has while this pinning holds.
+    fn mask(&self) -> CpuMask {
+        self.pinned.map_or(self.allowed, |(m, _)| m)
+    }
 }
 
 thread_local! {
@@ -237,65 +245,51 @@ fn thread_node(rt: &Runtime, api: &Api, ith: usize) -> u32 {
 }
 
 /// Narrows this worker to its node's CPUs inside the set it was given, once per thread
-/// (again only if something else reset its mask). Returns the node it is pinned to.
+/// (again only if something else reset its mask). Returns the node it is pinned to. Every
+/// op costs one sched_getaffinity and a compare of two sets; planning only when they differ.
 fn pin(rt: &Runtime, ith: usize) -> Option<u32> {
-    let current = crate::sys::thread_affinity().ok()?;
+    let current = CpuMask::of_this_thread().ok()?;
     PINNED.with(|cell| {
         let mut state = cell.borrow_mut();
-        let pinned_cpus = |s: &Pinned| match &s.plan {
-            PinPlan::Pin { cpus, .. } => Some(cpus.clone()),
-            PinPlan::Leave => None,
-        };
         // Where the thread stands: still as we left it, reset to the set it had, or given
         // a new set by someone else (then that is the set to stay inside).
         let allowed = match state.as_ref() {
-            Some(s)
-                if s.ith == ith
-                    && (pinned_cpus(s).as_deref() == Some(&current[..]) || (s.plan == PinPlan::Leave && s.allowed == current)) =>
-            {
-                return plan_node(&s.plan);
-            }
-            Some(s) if s.allowed == current || pinned_cpus(s).as_deref() == Some(&current[..]) => s.allowed.clone(),
-            _ => current.clone(),
+            Some(s) if s.ith == ith && s.mask() == current => return s.pinned.map(|(_, node)| node),
+            Some(s) if s.allowed == current || s.mask() == current => s.allowed,
+            _ => current,
         };
-        let plan = workers::pin_plan(rt.topology.nodes(), &allowed, ith);
+        let allowed_cpus = allowed.cpus();
+        let plan = workers::pin_plan(rt.topology.nodes(), &allowed_cpus, ith);
         // the same plan again: ggml reset the thread's mask (OpenMP builds with a CPU mask do
         // at every graph); re-narrow it quietly
-        let again = state.as_ref().is_some_and(|s| s.ith == ith && s.plan == plan);
-        if let PinPlan::Pin { node, cpus } = &plan {
-            match crate::sys::set_thread_affinity(cpus) {
-                Ok(()) => {
-                    WORKER_PINS.fetch_add(1, Ordering::Relaxed);
-                    if !again {
-                        crate::log::info(&format!(
-                            "numa-moe: worker {ith} pinned to node {node}, CPUs {} (of {})",
-                            crate::topology::render_cpu_list(cpus),
-                            crate::topology::render_cpu_list(&allowed)
-                        ));
-                    }
-                }
-                Err(e) => {
+        let previous = state.as_ref().filter(|s| s.ith == ith).and_then(|s| s.pinned);
+        let pinned = match plan {
+            PinPlan::Leave => None,
+            PinPlan::Pin { node, cpus } => {
+                let mask = CpuMask::from_cpus(&cpus);
+                if let Err(e) = mask.apply_to_this_thread() {
                     crate::log::warn_once(
                         rt,
                         "pin",
                         &format!("numa-moe: warning: cannot pin worker threads ({e}); assigning work by the node each thread runs on"),
                     );
-                    *state = Some(Pinned { ith, allowed: allowed.clone(), plan: PinPlan::Leave });
+                    *state = Some(Pinned { ith, allowed, pinned: None });
                     return None;
                 }
+                WORKER_PINS.fetch_add(1, Ordering::Relaxed);
+                if previous != Some((mask, node)) {
+                    crate::log::info(&format!(
+                        "numa-moe: worker {ith} pinned to node {node}, CPUs {} (of {})",
+                        crate::topology::render_cpu_list(&cpus),
+                        crate::topology::render_cpu_list(&allowed_cpus)
+                    ));
+                }
+                Some((mask, node))
             }
-        }
-        let node = plan_node(&plan);
-        *state = Some(Pinned { ith, allowed, plan });
-        node
+        };
+        *state = Some(Pinned { ith, allowed, pinned });
+        pinned.map(|(_, node)| node)
     })
-}
-
-fn plan_node(p: &PinPlan) -> Option<u32> {
-    match p {
-        PinPlan::Pin { node, .. } => Some(*node),
-        PinPlan::Leave => None,
-    }
 }
 
 /// This group's chunks of work, in the same order on every thread of the group.
