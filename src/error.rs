@@ -92,6 +92,17 @@ impl From<crate::gguf::GgufError> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The text of a caught panic's payload (what `panic!` was given).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

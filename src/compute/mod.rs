@@ -97,26 +97,20 @@ pub fn decide(op: &MmidOp, placed: &PlacedTensor, params: &NumaMoeComputeParams)
 pub fn run(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phases(rt, api, op, buf, placed, work)));
     if let Err(payload) = outcome {
-        let reason = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".into());
-        fatal(api, op, &reason);
+        fatal(op, &crate::error::panic_message(payload.as_ref()));
     }
 }
 
 /// The op cannot be finished and cannot be handed back: say why, then abort.
 #[cold]
-fn fatal(api: &Api, op: &MmidOp, reason: &str) -> ! {
+fn fatal(op: &MmidOp, reason: &str) -> ! {
     let msg = format!(
         "numa-moe: fatal: MUL_MAT_ID {} over {} failed after every thread had committed to computing it ({reason}); \
          ggml's threads cannot continue in step, aborting\n",
         op.dst.name(),
         op.src0.name()
     );
-    // straight to stderr: llama.cpp's logger is asynchronous and would lose it at abort
-    let _ = api;
+    // straight to stderr, not ggml's log: llama.cpp's logger is asynchronous and would lose it
     eprint!("{msg}");
     std::process::abort()
 }

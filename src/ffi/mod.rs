@@ -81,16 +81,6 @@ impl From<crate::error::Error> for Fail {
     }
 }
 
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown panic".to_string()
-    }
-}
-
 /// Runs `f` for an exported function returning a result code.
 pub fn boundary(name: &str, f: impl FnOnce() -> Result<(), Fail>) -> NumaMoeResult {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
@@ -100,7 +90,7 @@ pub fn boundary(name: &str, f: impl FnOnce() -> Result<(), Fail>) -> NumaMoeResu
             code
         }
         Err(p) => {
-            set_last_error(format!("numa-moe panicked in {name}: {}", panic_message(p.as_ref())));
+            set_last_error(format!("numa-moe panicked in {name}: {}", crate::error::panic_message(p.as_ref())));
             NumaMoeResult::Panic
         }
     }
@@ -112,7 +102,7 @@ pub fn boundary_value<T>(name: &str, default: T, f: impl FnOnce() -> T) -> T {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(v) => v,
         Err(p) => {
-            let msg = format!("numa-moe panicked in {name}: {}", panic_message(p.as_ref()));
+            let msg = format!("numa-moe panicked in {name}: {}", crate::error::panic_message(p.as_ref()));
             crate::log::error(&msg);
             set_last_error(msg);
             default
