@@ -322,10 +322,13 @@ unsafe extern "C" fn buf_clear(b: *mut raw::ggml_backend_buffer, value: u8) {
 
 /// The planned tensor of an op's weights, with its buffer, if they are numa-moe's.
 fn placed_weights(op: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>)> {
-    let src0 = op.src(0)?;
-    let buf: &'static NumaBuffer = buffer_of(src0)?;
-    let p = buf.placed_at(offset_in(buf, src0))?;
-    Some((buf, p))
+    placed(op.src(0)?)
+}
+
+/// The buffer and plan of `t`, if it is a placed expert tensor.
+fn placed(t: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>)> {
+    let buf: &'static NumaBuffer = buffer_of(t)?;
+    Some((buf, buf.placed_at(offset_in(buf, t))?))
 }
 
 /// The parts of a MUL_MAT_ID numa-moe computes itself: its weights' buffer and plan, and the
@@ -442,12 +445,10 @@ pub unsafe extern "C" fn numa_moe_ggml_compute_forward(params: *const NumaMoeCom
 
 /// The numa-moe buffer and plan of a placed expert tensor.
 fn placed_tensor(t: TensorRef) -> Result<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>), Fail> {
-    let buf: &'static NumaBuffer =
-        buffer_of(t).ok_or_else(|| Fail::new(NumaMoeResult::NotPlaced, format!("{} is not in a numa-moe buffer", t.name())))?;
-    let p = buf
-        .placed_at(offset_in(buf, t))
-        .ok_or_else(|| Fail::new(NumaMoeResult::NotPlaced, format!("{} is not a placed expert tensor", t.name())))?;
-    Ok((buf, p))
+    placed(t).ok_or_else(|| {
+        let why = if buffer_of(t).is_none() { "is not in a numa-moe buffer" } else { "is not a placed expert tensor" };
+        Fail::new(NumaMoeResult::NotPlaced, format!("{} {why}", t.name()))
+    })
 }
 
 /// Where the pages of a placed expert tensor are, against its plan (all copies), and how
