@@ -97,11 +97,12 @@ impl MmidOp {
         let tiled = off;
         off = pad(off + tiled_size, CACHE_LINE);
         let l = WorkLayout { converted: 0, counts, rows, tiled, tiled_size, roster: 0, claims: 0, total: 0 };
-        l.with_threads(off, n_threads, self.stock_work_size(n_threads))
+        l.with_threads(off, n_threads, self.stock_work_size(tiled_size))
     }
 
-    /// ggml-cpu's own work size for this node (ggml_graph_plan's MUL_MAT_ID case).
-    fn stock_work_size(&self, n_threads: usize) -> usize {
+    /// ggml-cpu's own work size for this node (ggml_graph_plan's MUL_MAT_ID case), given
+    /// ggml_tiled_wdata_size for the op's thread count.
+    fn stock_work_size(&self, tiled_size: usize) -> usize {
         let mut cur = 0;
         if self.needs_conversion() {
             cur += self.api.row_size(self.traits.vec_dot_type, self.src1.nelements()) + 8;
@@ -110,7 +111,7 @@ impl MmidOp {
         cur += self.n_expert() * self.n_ids() * self.n_tokens() * std::mem::size_of::<RowMapping>() + 8;
         cur += CACHE_LINE * self.n_expert() + CACHE_LINE;
         cur = pad(cur, 64);
-        cur + self.api.tiled_wdata_size(n_threads as i32, self.dst)
+        cur + tiled_size
     }
 
     /// Phase A, every thread: convert this thread's share of the activations to vec_dot_type,
