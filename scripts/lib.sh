@@ -43,6 +43,15 @@ numa_moe() {
     fi
 }
 
+# greedy TOPOLOGY MAP MODEL OUT N [args]: N greedy tokens of $PROMPT and the bit hash of every
+# step's logits (tests/e2e/greedy.c) into OUT, its stderr into OUT.err; numa-moe runs with MAP
+# on TOPOLOGY ("stock": without it). GREEDY_TIMEOUT bounds the run (default 120 s).
+greedy() {
+    local topo=$1 map=$2 model=$3 out=$4 n=$5
+    shift 5
+    NUMA_MOE_EXPERT_MAP=$map numa_moe "$topo" timeout "${GREEDY_TIMEOUT:-120}" "$GREEDY" "$model" "$n" "$PROMPT" "$@" > "$out" 2> "$out.err"
+}
+
 # until_logged OUT ERR LAST COMMAND...: runs COMMAND > OUT 2> ERR (both into OUT when ERR is
 # the same file) and runs it again, five times in all, while ERR has no line matching LAST.
 # llama.cpp's tools print through an asynchronous logger that can lose its last lines at

@@ -18,15 +18,15 @@ mkdir -p "$OUT"
 PROMPT="The quick brown fox jumps over the lazy dog"
 model=$M/many/e32u4-q8_0.gguf
 
-# run NAME TOPOLOGY MAP LIB [greedy args]: greedy tokens and logit hashes into $OUT/NAME
+# run NAME TOPOLOGY MAP LIB [greedy args]: 6 greedy tokens and logit hashes into $OUT/NAME
+# (scripts/lib.sh's greedy, with library LIB; "stock": llama.cpp's plain layout)
 run() {
     local name=$1 topo=$2 map=$3 lib=$4
     shift 4
     if [ "$lib" = stock ]; then
-        timeout 300 "$GREEDY" "$model" 6 "$PROMPT" --no-extra-bufts "$@" > "$OUT/$name" 2> "$OUT/$name.err"
+        GREEDY_TIMEOUT=300 greedy stock "$map" "$model" "$OUT/$name" 6 --no-extra-bufts "$@"
     else
-        NUMA_MOE_TOPOLOGY=$topo NUMA_MOE_EXPERT_MAP=$map LD_PRELOAD=$lib timeout 300 "$GREEDY" "$model" 6 "$PROMPT" "$@" \
-            > "$OUT/$name" 2> "$OUT/$name.err"
+        LIB=$lib GREEDY_TIMEOUT=300 greedy "$topo" "$map" "$model" "$OUT/$name" 6 "$@"
     fi
 }
 

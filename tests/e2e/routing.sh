@@ -15,13 +15,13 @@ PROMPT="The quick brown fox jumps over the lazy dog"
 model=$M/many/e32u4-q8_0.gguf
 other=$M/many/e48u6-f16.gguf
 
-# g NAME TOPOLOGY MAP [model]: greedy tokens and logits hashes into $OUT/NAME
+# g NAME TOPOLOGY MAP [model]: 8 greedy tokens and logits hashes into $OUT/NAME (scripts/lib.sh)
 g() {
     local name=$1 topo=$2 map=$3 m=${4:-$model}
     if [ "$topo" = stock ]; then
-        timeout 120 "$GREEDY" "$m" 8 "$PROMPT" --no-extra-bufts > "$OUT/$name" 2> "$OUT/$name.err"
+        greedy stock "$map" "$m" "$OUT/$name" 8 --no-extra-bufts
     else
-        NUMA_MOE_EXPERT_MAP=$map numa_moe "$topo" timeout 120 "$GREEDY" "$m" 8 "$PROMPT" > "$OUT/$name" 2> "$OUT/$name.err"
+        greedy "$topo" "$map" "$m" "$OUT/$name" 8
     fi
 }
 

@@ -14,15 +14,6 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 PROMPT="The quick brown fox jumps over the lazy dog"
 
-# greedy TOPOLOGY MAP MODEL OUT [args]: 16 greedy tokens and the bit hash of every step's logits
-# (tests/e2e/greedy.c: llama.cpp's API, printed synchronously; llama-completion's asynchronous
-# logger sometimes drops its output at exit, which would make token comparisons flaky).
-greedy() {
-    local topo=$1 map=$2 model=$3 out=$4
-    shift 4
-    NUMA_MOE_EXPERT_MAP=$map numa_moe "$topo" timeout 120 "$GREEDY" "$model" 16 "$PROMPT" "$@" > "$out" 2> "$out.err"
-}
-
 # 1. the same tokens from bit-identical logits, with and without numa-moe. The reference is
 # llama.cpp's own kernel on the same plain layout: without extra buffer types (where numa-moe
 # places the experts) or stock as shipped (where numa-moe leaves them to CPU_REPACK, which it
@@ -39,7 +30,7 @@ for model in "${models[@]}"; do
     fi
     plain=$OUT/$name.plain
     stock=$OUT/$name.stock
-    if ! greedy stock off "$model" "$plain" --no-extra-bufts || ! greedy stock off "$model" "$stock"; then
+    if ! greedy stock off "$model" "$plain" 16 --no-extra-bufts || ! greedy stock off "$model" "$stock" 16; then
         fail "$name: stock llama.cpp failed: $(tail -2 "$plain.err" "$stock.err" | tr '\n' ' ')"
         continue
     fi
@@ -53,7 +44,7 @@ for model in "${models[@]}"; do
             four) topo=$FOUR ;;
         esac
         got=$OUT/$name.$machine.$(echo "$map" | tr ':,+*' '___x')
-        if ! greedy "$topo" "$map" "$model" "$got"; then
+        if ! greedy "$topo" "$map" "$model" "$got" 16; then
             fail "$name [$machine, $map]: llama.cpp failed: $(grep -m2 -iE 'error|fail' "$got.err" | tr '\n' ' ')"
             continue
         fi
