@@ -81,7 +81,7 @@ $(FAULT_LIB): Cargo.toml build.rs $(shell find src -name '*.rs') | lib
 fault-lib: $(FAULT_LIB)
 
 # the op-level benchmark (make bench runs it)
-$(ROOT)/build/mmid_bench: tests/bench/mmid_bench.c tests/c/cpu_extra_bufts.h include/numa_moe.h lib llama
+$(ROOT)/build/mmid_bench: tests/bench/mmid_bench.c tests/bench/bench_util.h tests/c/cpu_extra_bufts.h include/numa_moe.h lib llama
 	@mkdir -p build
 	$(CC) $(CFLAGS_T) -Iinclude -I$(GGML_INC) $< -o $@ -L$(ROOT)/target/release -lnuma_moe -L$(LLAMA_BIN) -lggml-base -lggml-cpu -lggml \
 	    -Wl,-rpath,$(ROOT)/target/release:$(LLAMA_BIN) -lm -pthread
@@ -89,7 +89,7 @@ $(ROOT)/build/mmid_bench: tests/bench/mmid_bench.c tests/c/cpu_extra_bufts.h inc
 mmid-bench: $(ROOT)/build/mmid_bench
 
 # routing statistics' cost and the balanced map's gain at op level (make bench runs it)
-$(ROOT)/build/routing_bench: tests/bench/routing_bench.c tests/c/cpu_extra_bufts.h include/numa_moe.h lib llama
+$(ROOT)/build/routing_bench: tests/bench/routing_bench.c tests/bench/bench_util.h tests/c/cpu_extra_bufts.h include/numa_moe.h lib llama
 	@mkdir -p build
 	$(CC) $(CFLAGS_T) -Iinclude -I$(GGML_INC) $< -o $@ -L$(ROOT)/target/release -lnuma_moe -L$(LLAMA_BIN) -lggml-base -lggml-cpu -lggml \
 	    -Wl,-rpath,$(ROOT)/target/release:$(LLAMA_BIN) -lm

@@ -22,6 +22,7 @@
 
 #include "numa_moe.h"
 #include "../c/cpu_extra_bufts.h"
+#include "bench_util.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -200,12 +201,6 @@ static int parse_args(int argc, char ** argv) {
 // ---------------------------------------------------------------------------------------
 // utilities
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double) ts.tv_sec + (double) ts.tv_nsec * 1e-9;
-}
-
 static uint64_t rnd_next(uint64_t * s) {
     // splitmix64
     uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
@@ -220,11 +215,6 @@ static float rnd_normal(uint64_t * s) {
         x += (float) (rnd_next(s) >> 40) / (float) (1 << 24);
     }
     return (x - 2.0f) * 1.7f;
-}
-
-static int cmp_double(const void * a, const void * b) {
-    double x = *(const double *) a, y = *(const double *) b;
-    return (x > y) - (x < y);
 }
 
 // q-quantile (0..1) of v[0..n) (sorts a copy)

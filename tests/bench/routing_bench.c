@@ -20,6 +20,7 @@
 #include "numa_moe.h"
 
 #include "../c/cpu_extra_bufts.h"
+#include "bench_util.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -44,17 +45,6 @@ static uint64_t rnd(void) {
     g_rng ^= g_rng >> 7;
     g_rng ^= g_rng << 17;
     return g_rng;
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
-
-static int cmp_double(const void * a, const void * b) {
-    double x = *(const double *) a, y = *(const double *) b;
-    return (x > y) - (x < y);
 }
 
 static void quiet(enum ggml_log_level level, const char * text, void * user) {
