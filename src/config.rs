@@ -111,7 +111,7 @@ impl Runtime {
         let mut map_problem = false;
         let mut fallback = None;
         let (map, map_origin) = match std::env::var(MAP_ENV) {
-            Ok(text) if !text.trim().is_empty() => match ExpertMap::parse(&text).and_then(|m| check_map(&topology, m, &profile_env())) {
+            Ok(text) if !text.trim().is_empty() => match parse_map(&topology, &text) {
                 Ok((map, note)) => {
                     fallback = note;
                     (map, MAP_ENV.to_string())
@@ -389,6 +389,14 @@ pub fn load_profiles(map: &mut ExpertMap, env_profile: &Option<String>) -> Resul
         b.origin = path;
     }
     Ok(fallback)
+}
+
+/// Parses `text` and checks it as setting the map would: against the machine, with the
+/// routing profiles of its `balanced` rules loaded (NUMA_MOE_ROUTING_PROFILE's for a bare
+/// one). `Ok((map, Some(note)))`: a bare `balanced` has no profile and places as `block`.
+/// The tool and `numa_moe_map_check` use it, so they accept exactly what a load accepts.
+pub fn parse_map(topology: &Topology, text: &str) -> Result<(ExpertMap, Option<String>), MapError> {
+    check_map(topology, ExpertMap::parse(text)?, &profile_env())
 }
 
 /// Checks a map against the machine and loads its routing profiles ([`load_profiles`], whose

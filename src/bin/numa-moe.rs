@@ -127,11 +127,9 @@ fn cmd_check_map(a: &Args) -> Result<(), String> {
     a.check(&[], &["topology", "experts"], 1)?;
     let text = a.positional.first().ok_or("check-map needs a MAP")?;
     let t = a.topology()?;
-    let mut map = ExpertMap::parse(text).map_err(|e| e.to_string())?;
-    map.check_nodes(&t).map_err(|e| e.to_string())?;
-    // `balanced` rules read their routing profiles, as at load (and --experts checks them)
-    let profile_env = std::env::var(numa_moe::config::ROUTING_PROFILE_ENV).ok().filter(|v| !v.trim().is_empty());
-    if let Some(fallback) = numa_moe::config::load_profiles(&mut map, &profile_env).map_err(|e| e.to_string())? {
+    // as at load: `balanced` rules read their routing profiles (and --experts checks them)
+    let (map, fallback) = numa_moe::config::parse_map(&t, text).map_err(|e| e.to_string())?;
+    if let Some(fallback) = fallback {
         eprintln!("{fallback}");
     }
     if let Some(n) = a.number("experts", 1..=MAX_EXPERTS)? {
@@ -156,11 +154,8 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
     let model = PathBuf::from(a.options.get("model").ok_or("plan needs --model M.gguf")?);
     let topo = a.topology()?;
     let map_text = a.options.get("map").map(String::as_str).unwrap_or("auto");
-    let mut map = ExpertMap::parse(map_text).map_err(|e| e.to_string())?;
-    map.check_nodes(&topo).map_err(|e| e.to_string())?;
-    // `balanced` rules read their routing profiles, as at load
-    let profile_env = std::env::var(numa_moe::config::ROUTING_PROFILE_ENV).ok().filter(|v| !v.trim().is_empty());
-    let fallback = numa_moe::config::load_profiles(&mut map, &profile_env).map_err(|e| e.to_string())?;
+    // as at load: `balanced` rules read their routing profiles
+    let (map, fallback) = numa_moe::config::parse_map(&topo, map_text).map_err(|e| e.to_string())?;
     let gguf = GgufFile::open(&model).map_err(|e| e.to_string())?;
     let experts = gguf.expert_tensors().map_err(|e| format!("{}: {e}", model.display()))?;
     if experts.is_empty() {

@@ -148,11 +148,8 @@ pub unsafe extern "C" fn numa_moe_map_check(map: *const c_char, n_expert: u32) -
                 format!("n_expert {n_expert} is out of range: llama.cpp supports 1-{MAX_EXPERTS} experts (LLAMA_MAX_EXPERTS)"),
             ));
         }
-        let mut m = ExpertMap::parse(text).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
-        m.check_nodes(&rt()?.topology).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
-        // `balanced:FILE` reads its routing profile, as when the map is set
-        let profile_env = std::env::var(crate::config::ROUTING_PROFILE_ENV).ok().filter(|v| !v.trim().is_empty());
-        crate::config::load_profiles(&mut m, &profile_env).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
+        // as setting the map would: against the machine, with `balanced` profiles read
+        let (m, _) = crate::config::parse_map(&rt()?.topology, text).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
         if n_expert > 0 {
             m.check_experts(n_expert).map_err(|e| Fail::new(NumaMoeResult::InvalidMap, e.to_string()))?;
         }
