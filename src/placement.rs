@@ -433,10 +433,7 @@ impl Planner<'_> {
         if !self.opts.by_cores {
             return vec![1; nodes.len()];
         }
-        let cores: Vec<u64> = nodes.iter().map(|&n| self.topo.node(n).map_or(0, |n| n.cores() as u64)).collect();
-        let with: Vec<u64> = cores.iter().copied().filter(|&c| c > 0).collect();
-        let mean = if with.is_empty() { 1 } else { (with.iter().sum::<u64>() / with.len() as u64).max(1) };
-        cores.into_iter().map(|c| if c == 0 { mean } else { c }).collect()
+        core_weights(self.topo, nodes)
     }
 
     /// `block`: contiguous ranges of whole experts, sized by the nodes' weights.
@@ -571,6 +568,15 @@ fn gcd(a: u64, b: u64) -> u64 {
     } else {
         gcd(b, a % b)
     }
+}
+
+/// The weight of each of `nodes` when work is shared by cores: its cores, and for a node
+/// without CPUs the mean of the others (its pieces are computed by a neighbour's threads).
+pub fn core_weights(topo: &Topology, nodes: &[u32]) -> Vec<u64> {
+    let cores: Vec<u64> = nodes.iter().map(|&n| topo.node(n).map_or(0, |n| n.cores() as u64)).collect();
+    let with: Vec<u64> = cores.iter().copied().filter(|&c| c > 0).collect();
+    let mean = if with.is_empty() { 1 } else { (with.iter().sum::<u64>() / with.len() as u64).max(1) };
+    cores.into_iter().map(|c| if c == 0 { mean } else { c }).collect()
 }
 
 /// Divides `total` into parts proportional to `weights` (largest remainder; ties to the

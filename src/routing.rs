@@ -516,10 +516,8 @@ pub fn imbalance(loads: &[(u32, f64)], weight: &dyn Fn(u32) -> u64) -> Option<f6
 /// Each node's compute weight as the planner sees it: its cores, and for a node without CPUs
 /// the mean of the others.
 pub fn node_weights(topo: &Topology) -> BTreeMap<u32, u64> {
-    let cores: Vec<(u32, u64)> = topo.nodes().iter().map(|n| (n.id, n.cores() as u64)).collect();
-    let with: Vec<u64> = cores.iter().map(|c| c.1).filter(|&c| c > 0).collect();
-    let mean = if with.is_empty() { 1 } else { (with.iter().sum::<u64>() / with.len() as u64).max(1) };
-    cores.into_iter().map(|(n, c)| (n, if c == 0 { mean } else { c })).collect()
+    let ids = topo.node_ids();
+    ids.iter().copied().zip(crate::placement::core_weights(topo, &ids)).collect()
 }
 
 /// The shares of a real plan: under [`Compute::Pieces`] each node's rows of each expert over
