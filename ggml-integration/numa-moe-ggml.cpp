@@ -29,6 +29,7 @@ struct library {
     decltype(&numa_moe_ggml_supports_op)     supports_op     = nullptr;
     decltype(&numa_moe_ggml_work_size)       work_size       = nullptr;
     decltype(&numa_moe_ggml_compute_forward) compute_forward = nullptr;
+    decltype(&numa_moe_ggml_repack_buffer_type) repack_buffer_type = nullptr;
 };
 
 static library resolve() {
@@ -38,12 +39,14 @@ static library resolve() {
     lib.supports_op     = numa_moe_ggml_supports_op;
     lib.work_size       = numa_moe_ggml_work_size;
     lib.compute_forward = numa_moe_ggml_compute_forward;
+    lib.repack_buffer_type = numa_moe_ggml_repack_buffer_type;
 #else
     lib.attach          = (decltype(lib.attach))          dlsym(RTLD_DEFAULT, "numa_moe_ggml_attach");
     lib.supports_op     = (decltype(lib.supports_op))     dlsym(RTLD_DEFAULT, "numa_moe_ggml_supports_op");
     lib.work_size       = (decltype(lib.work_size))       dlsym(RTLD_DEFAULT, "numa_moe_ggml_work_size");
     lib.compute_forward = (decltype(lib.compute_forward)) dlsym(RTLD_DEFAULT, "numa_moe_ggml_compute_forward");
-    if (!lib.attach || !lib.supports_op || !lib.work_size || !lib.compute_forward) {
+    lib.repack_buffer_type = (decltype(lib.repack_buffer_type)) dlsym(RTLD_DEFAULT, "numa_moe_ggml_repack_buffer_type");
+    if (!lib.attach || !lib.supports_op || !lib.work_size || !lib.compute_forward || !lib.repack_buffer_type) {
         return {};
     }
 #endif
@@ -118,9 +121,49 @@ static bool stock_repacks(const void * op_) {
 #endif
 }
 
+#ifdef GGML_USE_CPU_REPACK
+// The layout and kernels CPU_REPACK gives these weights on this CPU (ggml's own choice).
+static bool repack_layout(const void * weights, NumaMoeRepackLayout * out) {
+    ggml_repack_layout l = {};
+    if (!ggml_repack_layout_of((const ggml_tensor *) weights, &l)) {
+        return false;
+    }
+    out->nb_cols      = l.nb_cols;
+    out->param_type   = l.param_type;
+    out->gemv         = l.gemv;
+    out->gemm         = l.gemm;
+    out->quantize_mat = l.quantize_mat;
+    return true;
+}
+
+// CPU_REPACK's conversion of `size` bytes at `data` into header->data (header describes them).
+static int32_t repack(void * header, const void * data, size_t size) {
+    return ggml_repack_tensor((ggml_tensor *) header, data, size);
+}
+
+// CPU_REPACK's own traits for weights in our repacked layout: what computes an op the library
+// declines (the bytes are CPU_REPACK's, so its kernel is the stock one for them).
+static ggml::cpu::tensor_traits * stock_traits(const ggml_tensor * op) {
+    ggml_repack_layout l = {};
+    return op->src[0] && ggml_repack_layout_of(op->src[0], &l) ? l.traits : nullptr;
+}
+#else
+static ggml::cpu::tensor_traits * stock_traits(const ggml_tensor *) {
+    return nullptr;
+}
+#endif
+
 class tensor_traits : public ggml::cpu::tensor_traits {
+  public:
+    bool repacked = false;
+
+  private:
     bool work_size(int n_threads, const ggml_tensor * op, size_t & size) override {
-        return g_lib.work_size(n_threads, op, &size);
+        if (g_lib.work_size(n_threads, op, &size)) {
+            return true;
+        }
+        auto * stock = repacked ? stock_traits(op) : nullptr;
+        return stock && stock->work_size(n_threads, op, size);
     }
 
     bool compute_forward(ggml_compute_params * params, ggml_tensor * op) override {
@@ -132,20 +175,26 @@ class tensor_traits : public ggml::cpu::tensor_traits {
             /* .threadpool = */ params->threadpool,
             /* .use_ref    = */ params->use_ref,
         };
-        return g_lib.compute_forward(&p, op);
+        if (g_lib.compute_forward(&p, op)) {
+            return true;
+        }
+        // declined (alike on every thread): ggml's stock kernel for the layout the bytes have
+        auto * stock = repacked ? stock_traits(op) : nullptr;
+        return stock && stock->compute_forward(params, op);
     }
 };
 
+// One per buffer type (standard and repacked), each answering for its own buffers only.
 class extra_buffer_type : public ggml::cpu::extra_buffer_type {
   public:
     ggml_backend_buffer_type_t buft = nullptr;
+    tensor_traits              traits;
 
     bool supports_op(ggml_backend_dev_t, const ggml_tensor * op) override {
         return g_lib.supports_op(op);
     }
 
     ggml::cpu::tensor_traits * get_tensor_traits(const ggml_tensor * op) override {
-        static tensor_traits traits;
         if (op->op == GGML_OP_MUL_MAT_ID && op->src[0] && op->src[0]->buffer && op->src[0]->buffer->buft == buft) {
             return &traits;
         }
@@ -155,20 +204,29 @@ class extra_buffer_type : public ggml::cpu::extra_buffer_type {
 
 }  // namespace numa_moe_ggml
 
-ggml_backend_buffer_type_t ggml_backend_numa_moe_buffer_type(void) {
-    static ggml_backend_buffer_type_t buft = []() -> ggml_backend_buffer_type_t {
-        using namespace numa_moe_ggml;
+namespace numa_moe_ggml {
+
+struct attached {
+    ggml_backend_buffer_type_t standard = nullptr;
+    ggml_backend_buffer_type_t repacked = nullptr;
+};
+
+static const attached & attach() {
+    static attached a = []() -> attached {
         g_lib = resolve();
         if (!g_lib.attach) {
-            return nullptr;  // library not loaded: stock behaviour
+            return {};  // library not loaded: stock behaviour
         }
-        auto * extra = new extra_buffer_type();
+        auto * extra  = new extra_buffer_type();
+        auto * extra2 = new extra_buffer_type();
+        extra2->traits.repacked = true;
 
         NumaMoeGgmlApi api       = {};
         api.struct_size          = sizeof(api);
         api.backend_api_version  = GGML_BACKEND_API_VERSION;
         api.cpu_device           = ggml_backend_reg_dev_get(ggml_backend_cpu_reg(), 0);
         api.extra_context        = extra;
+        api.extra_context_repack = extra2;
         api.buffer_init          = buffer_init;
         api.get_type_traits      = type_traits;
         api.get_type_traits_cpu  = type_traits_cpu;
@@ -178,14 +236,49 @@ ggml_backend_buffer_type_t ggml_backend_numa_moe_buffer_type(void) {
         api.tiled_wdata_size     = tiled_wdata_size;
         api.mmid_tiled           = mmid_tiled;
         api.stock_repacks        = stock_repacks;
+#ifdef GGML_USE_CPU_REPACK
+        api.repack_layout        = repack_layout;
+        api.repack               = repack;
+#endif
 
-        auto * b = (ggml_backend_buffer_type_t) g_lib.attach(&api);
-        if (!b) {
+        attached r;
+        r.standard = (ggml_backend_buffer_type_t) g_lib.attach(&api);
+        if (!r.standard) {
             delete extra;
-            return nullptr;
+            delete extra2;
+            return {};
         }
-        extra->buft = b;
-        return b;
+        extra->buft = r.standard;
+        r.repacked  = (ggml_backend_buffer_type_t) g_lib.repack_buffer_type();
+        extra2->buft = r.repacked;
+        return r;
     }();
-    return buft;
+    return a;
+}
+
+}  // namespace numa_moe_ggml
+
+ggml_backend_buffer_type_t ggml_backend_numa_moe_buffer_type(void) {
+    return numa_moe_ggml::attach().standard;
+}
+
+ggml_backend_buffer_type_t ggml_backend_numa_moe_repack_buffer_type(void) {
+    return numa_moe_ggml::attach().repacked;
+}
+
+ggml_backend_buffer_type_t * ggml_backend_numa_moe_buffer_types(bool repack) {
+    static ggml_backend_buffer_type_t with_repack[3]    = {};
+    static ggml_backend_buffer_type_t without_repack[2] = {};
+    static bool                       filled            = [] {
+        const auto & a = numa_moe_ggml::attach();
+        int          i = 0;
+        if (a.repacked) {
+            with_repack[i++] = a.repacked;
+        }
+        with_repack[i]    = a.standard;
+        without_repack[0] = a.standard;
+        return true;
+    }();
+    GGML_UNUSED(filled);
+    return repack ? with_repack : without_repack;
 }

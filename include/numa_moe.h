@@ -181,6 +181,26 @@ typedef struct NumaMoeComputeParams {
 } NumaMoeComputeParams;
 
 /**
+ * The interleaved layout CPU_REPACK gives one weight tensor, and its kernels.
+ */
+typedef struct NumaMoeRepackLayout {
+  /**
+   * Rows interleaved together: split points must be multiples of it.
+   */
+  int64_t nb_cols;
+  /**
+   * The type activations are quantized to (a ggml_type).
+   */
+  int32_t param_type;
+  void (*gemv)(int32_t, float*, size_t, const void*, const void*, int32_t, int32_t);
+  void (*gemm)(int32_t, float*, size_t, const void*, const void*, int32_t, int32_t);
+  /**
+   * ggml_quantize_mat_t: `nrow` (4) rows of `n_per_row` floats, interleaved for gemm.
+   */
+  void (*quantize_mat)(const float*, void*, int64_t, int64_t);
+} NumaMoeRepackLayout;
+
+/**
  * The ggml functions numa-moe calls, handed over by the adapter compiled into ggml-cpu.
  * ggml objects travel as `void *` so this header does not depend on ggml's.
  */
@@ -201,6 +221,10 @@ typedef struct NumaMoeGgmlApi {
    * The ggml::cpu::extra_buffer_type object, stored as the buffer type's context.
    */
   void *extra_context;
+  /**
+   * The same for the buffer type of repacked layouts.
+   */
+  void *extra_context_repack;
   /**
    * ggml_backend_buffer_init(buft, *iface, context, size).
    */
@@ -243,6 +267,16 @@ typedef struct NumaMoeGgmlApi {
    * (asked the way llama.cpp's loader asks it); NULL where ggml-cpu has no repack.
    */
   bool (*stock_repacks)(const void*);
+  /**
+   * The interleaved layout and kernels ggml-cpu's CPU_REPACK gives these weights (a
+   * ggml_tensor) on this CPU; false where it leaves them. NULL where ggml-cpu has no repack.
+   */
+  bool (*repack_layout)(const void*, struct NumaMoeRepackLayout*);
+  /**
+   * CPU_REPACK's conversion: writes `size` bytes of standard-layout data, described by the
+   * tensor header (a ggml_tensor whose data is the destination), repacked. 0 on success.
+   */
+  int32_t (*repack)(void*, const void*, size_t);
 } NumaMoeGgmlApi;
 
 /**
@@ -368,6 +402,12 @@ NumaMoeResult numa_moe_memory_pages_per_node(const uint8_t *addr,
  * `api` must be NULL or point to a table whose pointers stay valid for the process.
  */
 void *numa_moe_ggml_attach(const struct NumaMoeGgmlApi *api);
+
+/**
+ * numa-moe's buffer type for CPU_REPACK's layouts (made by numa_moe_ggml_attach), or NULL
+ * where ggml-cpu has no repack or before attach.
+ */
+void *numa_moe_ggml_repack_buffer_type(void);
 
 /**
  * numa-moe's ggml buffer type, or NULL before ggml-cpu attached it (or without the adapter).

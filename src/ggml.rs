@@ -33,6 +33,8 @@ pub struct NumaMoeGgmlApi {
     pub cpu_device: *mut c_void,
     /// The ggml::cpu::extra_buffer_type object, stored as the buffer type's context.
     pub extra_context: *mut c_void,
+    /// The same for the buffer type of repacked layouts.
+    pub extra_context_repack: *mut c_void,
     /// ggml_backend_buffer_init(buft, *iface, context, size).
     pub buffer_init: Option<unsafe extern "C" fn(*mut c_void, *const c_void, *mut c_void, usize) -> *mut c_void>,
     /// ggml_get_type_traits(type): const struct ggml_type_traits *.
@@ -52,6 +54,41 @@ pub struct NumaMoeGgmlApi {
     /// Whether ggml-cpu's CPU_REPACK buffer type would take the weights of this MUL_MAT_ID
     /// (asked the way llama.cpp's loader asks it); NULL where ggml-cpu has no repack.
     pub stock_repacks: Option<unsafe extern "C" fn(*const c_void) -> bool>,
+    /// The interleaved layout and kernels ggml-cpu's CPU_REPACK gives these weights (a
+    /// ggml_tensor) on this CPU; false where it leaves them. NULL where ggml-cpu has no repack.
+    pub repack_layout: Option<unsafe extern "C" fn(*const c_void, *mut NumaMoeRepackLayout) -> bool>,
+    /// CPU_REPACK's conversion: writes `size` bytes of standard-layout data, described by the
+    /// tensor header (a ggml_tensor whose data is the destination), repacked. 0 on success.
+    pub repack: Option<unsafe extern "C" fn(*mut c_void, *const c_void, usize) -> i32>,
+}
+
+/// ggml-cpu's gemv/gemm kernels for repacked weights (ggml-cpu/repack.h): `n` columns,
+/// output `s` with row stride `bs`, weights `vx`, activations `vy`, `nr` activation rows,
+/// `nc` weight rows (a multiple of the interleave).
+pub type RepackKernel = unsafe extern "C" fn(i32, *mut f32, usize, *const c_void, *const c_void, i32, i32);
+
+/// The interleaved layout CPU_REPACK gives one weight tensor, and its kernels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NumaMoeRepackLayout {
+    /// Rows interleaved together: split points must be multiples of it.
+    pub nb_cols: i64,
+    /// The type activations are quantized to (a ggml_type).
+    pub param_type: i32,
+    pub gemv: Option<unsafe extern "C" fn(i32, *mut f32, usize, *const c_void, *const c_void, i32, i32)>,
+    pub gemm: Option<unsafe extern "C" fn(i32, *mut f32, usize, *const c_void, *const c_void, i32, i32)>,
+    /// ggml_quantize_mat_t: `nrow` (4) rows of `n_per_row` floats, interleaved for gemm.
+    pub quantize_mat: Option<unsafe extern "C" fn(*const f32, *mut c_void, i64, i64)>,
+}
+
+/// A repacked layout as the kernels use it.
+#[derive(Clone, Copy, Debug)]
+pub struct RepackLayout {
+    pub nb_cols: u64,
+    pub param_type: GgmlType,
+    pub gemv: RepackKernel,
+    /// from_float of `param_type`: how the activations are quantized for gemv.
+    pub from_float: unsafe extern "C" fn(*const f32, *mut c_void, i64),
 }
 
 /// ggml-cpu's compute parameters, unpacked by the adapter.
@@ -182,6 +219,55 @@ impl Api {
 
     pub fn extra_context(&self) -> *mut c_void {
         self.0.extra_context
+    }
+
+    pub fn extra_context_repack(&self) -> *mut c_void {
+        self.0.extra_context_repack
+    }
+
+    /// Whether ggml-cpu can repack here at all.
+    pub fn has_repack(&self) -> bool {
+        self.0.repack_layout.is_some() && self.0.repack.is_some() && !self.0.extra_context_repack.is_null()
+    }
+
+    /// The layout CPU_REPACK gives `weights` on this CPU (ggml's rule, by type, shape and CPU
+    /// features), with kernels numa-moe can call; `None` where it keeps the standard layout.
+    pub fn repack_layout(&self, weights: TensorRef) -> Option<RepackLayout> {
+        let f = self.0.repack_layout?;
+        let mut l = NumaMoeRepackLayout { nb_cols: 0, param_type: 0, gemv: None, gemm: None, quantize_mat: None };
+        // SAFETY: weights is a live tensor (or a loader probe); the adapter only reads its header.
+        if !unsafe { f(weights.0.as_ptr().cast(), &mut l) } {
+            return None;
+        }
+        let param_type = GgmlType::try_from(l.param_type).ok().filter(|&t| t < raw::GGML_TYPE_COUNT)?;
+        (l.nb_cols >= 1).then_some(RepackLayout {
+            nb_cols: l.nb_cols as u64,
+            param_type,
+            gemv: l.gemv?,
+            from_float: self.cpu_traits(param_type)?.from_float?,
+        })
+    }
+
+    /// Writes `data` (standard layout, `rows` whole rows of `like`'s type and row length, a
+    /// whole number of interleaved groups) repacked into `dest`, with CPU_REPACK's own
+    /// conversion (rows of consecutive experts may share a call: groups never straddle them).
+    ///
+    /// # Safety
+    /// `dest` must be writable for `data.len()` bytes; `data.len()` must be the bytes of
+    /// `rows` rows of `like`.
+    pub unsafe fn repack(&self, like: TensorRef, dest: *mut u8, rows: i64, data: &[u8]) -> bool {
+        let Some(f) = self.0.repack else { return false };
+        let mut t = *like.t();
+        t.ne[1] = rows;
+        t.ne[2] = 1;
+        t.ne[3] = 1;
+        t.nb[2] = t.nb[1] * rows as usize;
+        t.nb[3] = t.nb[2];
+        t.data = dest.cast();
+        t.extra = std::ptr::null_mut();
+        t.view_src = std::ptr::null_mut();
+        // SAFETY: t describes exactly the bytes at dest (this function's contract).
+        unsafe { f((&mut t as *mut raw::ggml_tensor).cast(), data.as_ptr().cast(), data.len()) == 0 }
     }
 
     /// Creates a ggml buffer object (ggml owns and frees it; `free_buffer` gets `context`,

@@ -34,6 +34,9 @@ pub struct ExpertTensor {
     pub rows: u64,
     /// nb[1]: bytes of one row.
     pub row_bytes: u64,
+    /// Rows stored interleaved as one group (CPU_REPACK's layouts, e.g. 8 for q4_K 8x8; 1 for
+    /// ggml's standard layout): every split point is a multiple of it.
+    pub row_group: u64,
 }
 
 impl ExpertTensor {
@@ -83,7 +86,15 @@ pub fn stacked_expert(
     if rows.checked_mul(row_bytes).and_then(|b| b.checked_mul(n_expert)).is_none() {
         return Err(format!("tensor \"{name}\": {n_expert} experts of {rows} rows of {row_bytes} bytes: its size overflows 64 bits"));
     }
-    Ok(Some(ExpertTensor { name: name.to_string(), layer, type_name: type_name.to_string(), n_expert: n_expert as u32, rows, row_bytes }))
+    Ok(Some(ExpertTensor {
+        name: name.to_string(),
+        layer,
+        type_name: type_name.to_string(),
+        n_expert: n_expert as u32,
+        rows,
+        row_bytes,
+        row_group: 1,
+    }))
 }
 
 /// Where an extent's pages go.
@@ -284,6 +295,12 @@ pub fn plan_tensor(topo: &Topology, map: &ExpertMap, tensor: &ExpertTensor, opts
     if tensor.n_expert == 0 || tensor.rows == 0 || tensor.row_bytes == 0 {
         return Err(PlanError::Unsupported(format!("{} has an empty expert dimension", tensor.name)));
     }
+    if tensor.row_group == 0 || tensor.rows % tensor.row_group != 0 {
+        return Err(PlanError::Unsupported(format!(
+            "{}: {} rows are not a whole number of {}-row interleaved groups",
+            tensor.name, tensor.rows, tensor.row_group
+        )));
+    }
     let planner = Planner { topo, tensor, opts };
     match map.resolve(tensor.layer, tensor.n_expert, &tensor.name)? {
         Resolved::Off => Ok(None),
@@ -460,18 +477,20 @@ impl Planner<'_> {
         (0..loads.len()).map(|e| if hot[e] { nodes.to_vec() } else { vec![at[e].unwrap_or(nodes[0])] }).collect()
     }
 
-    /// Rows per split unit: the fewest whole rows whose bytes are a multiple of the page size,
-    /// so that row boundaries fall on page boundaries, halved until every node gets at least
-    /// 32 units. Coarser units would unbalance the split (one unit is the most two equal
-    /// nodes may differ by); a boundary that is not page aligned costs one shared page.
+    /// Rows per split unit: the fewest whole row groups whose bytes are a multiple of the page
+    /// size, so that row boundaries fall on page boundaries, halved (never below one row
+    /// group) until every node gets at least 32 units. Coarser units would unbalance the
+    /// split (one unit is the most two equal nodes may differ by); a boundary that is not
+    /// page aligned costs one shared page.
     fn row_unit(&self, parts: usize) -> u64 {
-        let rb = self.tensor.row_bytes;
+        let group = self.tensor.row_group.max(1);
+        let gb = self.tensor.row_bytes * group;
         let page = self.opts.page_size.max(1);
-        let mut unit = page / gcd(page, rb);
-        while unit > 1 && unit * 32 * parts as u64 > self.tensor.rows {
-            unit /= 2;
+        let mut groups = page / gcd(page, gb);
+        while groups > 1 && groups * group * 32 * parts as u64 > self.tensor.rows {
+            groups /= 2;
         }
-        unit.max(1)
+        groups.max(1) * group
     }
 
     /// Splits `0..rows` over `nodes` by weight, contiguously in node order, in whole units
@@ -694,7 +713,15 @@ mod tests {
     use crate::topology::Source;
 
     fn tensor(n_expert: u32, rows: u64, row_bytes: u64) -> ExpertTensor {
-        ExpertTensor { name: "blk.0.ffn_up_exps.weight".into(), layer: Some(0), type_name: "q4_K".into(), n_expert, rows, row_bytes }
+        ExpertTensor {
+            name: "blk.0.ffn_up_exps.weight".into(),
+            layer: Some(0),
+            type_name: "q4_K".into(),
+            n_expert,
+            rows,
+            row_bytes,
+            row_group: 1,
+        }
     }
 
     fn plan(topo: &Topology, map: &str, t: &ExpertTensor) -> TensorPlan {

@@ -28,6 +28,22 @@ pub fn describe_extent(plan: &TensorPlan, offset: u64) -> String {
     format!("expert {e}, row {row}")
 }
 
+/// ", in CPU_REPACK's layouts (q4_K in 8-row groups)" where the tensors hold repacked layouts.
+fn repacked_note(placed: &[Arc<PlacedTensor>]) -> String {
+    let mut kinds: Vec<(String, u64)> = Vec::new();
+    for p in placed.iter().filter(|p| p.plan.tensor.row_group > 1) {
+        let k = (p.plan.tensor.type_name.clone(), p.plan.tensor.row_group);
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    if kinds.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = kinds.iter().map(|(t, g)| format!("{t} in {g}-row groups")).collect();
+    format!(", repacked for CPU_REPACK's kernels ({})", list.join(", "))
+}
+
 /// The load report of one buffer's placed tensors: totals, each node's share, and every
 /// tensor not placed as planned.
 pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
@@ -37,12 +53,13 @@ pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
     let s = rt.settings();
     let total: u64 = placed.iter().map(|p| p.plan.tensor.bytes()).sum();
     let mut lines = vec![format!(
-        "numa-moe: {} expert tensors ({}) placed by map \"{}\" ({}){}",
+        "numa-moe: {} expert tensors ({}) placed by map \"{}\" ({}){}{}",
         placed.len(),
         format_gib(total),
         s.map.render(),
         s.map_origin,
-        rt.unbound_reason().map(|r| format!(" ({r})")).unwrap_or_default()
+        rt.unbound_reason().map(|r| format!(" ({r})")).unwrap_or_default(),
+        repacked_note(placed)
     )];
     let loads = placement::node_loads(&rt.topology, &placed.iter().map(|p| p.plan.clone()).collect::<Vec<_>>());
     let mut parts = Vec::new();

@@ -608,6 +608,7 @@ impl MapPlacement {
                 n_expert: profile.model.n_expert,
                 rows: STAND_IN_ROWS,
                 row_bytes: STAND_IN_ROW_BYTES,
+                row_group: 1,
             };
             let lp = match plan_tensor(topo, map, &tensor, &opts)? {
                 Some(plan) => LayerPlacement { kind: plan.kind.to_string(), shares: expert_shares(&plan, &weights) },

@@ -449,7 +449,7 @@ proptest! {
         let ne4 = t.ne4();
         let row = t.row_bytes().unwrap();
         let nb = [size as usize, row as usize, (row * ne4[1]) as usize, (row * ne4[1] * ne4[2]) as usize];
-        let b = numa_moe::buffer::TensorInfo { name: t.name.clone(), type_name: name.to_string(), ne: ne4.map(|n| n as i64), nb, packed: true };
+        let b = numa_moe::buffer::TensorInfo { name: t.name.clone(), type_name: name.to_string(), ne: ne4.map(|n| n as i64), nb, packed: true, row_group: 1 };
         prop_assert_eq!(t.expert_tensor().ok().flatten(), b.expert_tensor());
     }
 }

@@ -63,6 +63,7 @@ fn tensor() -> impl Strategy<Value = ExpertTensor> {
             n_expert,
             rows,
             row_bytes,
+            row_group: 1,
         },
     )
 }
@@ -377,6 +378,7 @@ fn eight_node_epyc_plan_is_balanced() {
         n_expert: 256,
         rows: 7168,
         row_bytes: 2048 / 256 * 144,
+        row_group: 1,
     };
     let p = plan_tensor(&topo, &ExpertMap::policy(Policy::Rows), &t, &PlanOptions::default()).unwrap().unwrap();
     let loads = p.bytes_per_node();
@@ -397,6 +399,7 @@ fn shipped_topologies_load_and_plan() {
         n_expert: 128,
         rows: 768,
         row_bytes: 1152,
+        row_group: 1,
     };
     for (file, nodes, compute) in cases {
         let topo = Topology::from_xml(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));

@@ -44,6 +44,8 @@ pub struct TensorInfo {
     pub nb: [usize; 4],
     /// Whether rows and experts are packed back to back (ggml's standard layout).
     pub packed: bool,
+    /// Rows CPU_REPACK's layout interleaves (1: the standard layout).
+    pub row_group: u64,
 }
 
 impl TensorInfo {
@@ -51,7 +53,8 @@ impl TensorInfo {
     pub fn expert_tensor(&self) -> Option<ExpertTensor> {
         // one rule with `numa-moe plan`; a stack llama.cpp could not load stays on its path
         let ne = self.ne.map(|n| u64::try_from(n).unwrap_or(0));
-        placement::stacked_expert(&self.name, &self.type_name, ne, Some(self.nb[1] as u64), self.packed).ok().flatten()
+        let t = placement::stacked_expert(&self.name, &self.type_name, ne, Some(self.nb[1] as u64), self.packed).ok().flatten()?;
+        Some(ExpertTensor { row_group: self.row_group.max(1), ..t })
     }
 }
 
@@ -100,6 +103,8 @@ impl PlacedTensor {
 /// One ggml buffer of numa-moe's type.
 pub struct NumaBuffer {
     region: Region,
+    /// Whether its expert tensors hold CPU_REPACK's layouts (the repacked buffer type).
+    repacked: bool,
     placed: RwLock<Vec<Arc<PlacedTensor>>>,
     reserved: Mutex<Vec<(u32, u64)>>,
     reported: AtomicBool,
@@ -107,7 +112,7 @@ pub struct NumaBuffer {
 }
 
 impl NumaBuffer {
-    pub fn new(rt: &Runtime, size: usize) -> Result<Self, Error> {
+    pub fn new(rt: &Runtime, size: usize, repacked: bool) -> Result<Self, Error> {
         let s = rt.settings();
         let align = if s.huge_pages { 2 << 20 } else { crate::sys::page_size() };
         let region = Region::new(size, align).map_err(|e| {
@@ -120,6 +125,7 @@ impl NumaBuffer {
         }
         Ok(NumaBuffer {
             region,
+            repacked,
             placed: RwLock::new(Vec::new()),
             reserved: Mutex::new(Vec::new()),
             reported: AtomicBool::new(false),
@@ -133,6 +139,10 @@ impl NumaBuffer {
 
     pub fn size(&self) -> usize {
         self.region.len()
+    }
+
+    pub fn repacked(&self) -> bool {
+        self.repacked
     }
 
     /// Plans and binds a tensor at `offset` before any of its bytes is written: budget,
@@ -211,22 +221,74 @@ impl NumaBuffer {
     /// this process right after, so expert bytes are not resident twice, not even while
     /// loading (peak RSS stays within a chunk of stock's).
     pub fn write(&self, rt: &Runtime, offset: usize, data: &[u8]) {
+        self.write_chunked(offset, data, 1, |at, chunk| {
+            self.write_copies(rt, at, chunk);
+            true
+        });
+    }
+
+    /// Writes `data`, standard-layout rows starting at `offset`, converted into CPU_REPACK's
+    /// layout: `convert(offset, rows)` writes the converted bytes into the primary at `offset`
+    /// (ggml's own conversion, called by the ffi layer), in chunks of whole `group_bytes`
+    /// (interleaved row groups), dropping the file's pages as [`NumaBuffer::write`] does; the
+    /// converted bytes then reach every replica. False, with nothing converted, when the
+    /// write does not cover whole row groups of one planned tensor, or when `convert` fails.
+    pub fn write_repacked(&self, offset: usize, data: &[u8], group_bytes: usize, convert: impl Fn(usize, &[u8]) -> bool) -> bool {
+        let (len, group) = (data.len(), group_bytes.max(1));
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.region.len()) else { return false };
+        let start_of = self.overlapping(offset, end).first().map_or(offset, |p| p.offset);
+        if (offset - start_of) % group != 0 || len % group != 0 {
+            return false;
+        }
+        let mut ok = true;
+        self.write_chunked(offset, data, group, |at, chunk| {
+            ok = ok && convert(at, chunk);
+            if ok {
+                self.copy_to_replicas(at, chunk.len());
+            }
+            ok
+        });
+        ok
+    }
+
+    /// Calls `put(offset, bytes)` over `data` in chunks of about 16 MiB (whole `unit`s), and
+    /// when `data` is part of a mapped file, drops each chunk's file pages after it. Stops at
+    /// the first chunk `put` refuses.
+    fn write_chunked(&self, offset: usize, data: &[u8], unit: usize, mut put: impl FnMut(usize, &[u8]) -> bool) {
         const CHUNK: usize = 16 << 20;
         let (src, len) = (data.as_ptr() as usize, data.len());
         let shared =
             if len >= CHUNK && !self.overlapping(offset, offset + len).is_empty() { memory::SharedFileRange::find(src, len) } else { None };
         let Some(shared) = shared else {
-            self.write_copies(rt, offset, data);
+            put(offset, data);
             return;
         };
         let page = crate::sys::page_size();
+        let unit = unit.max(1);
         let mut done = 0;
         while done < len {
-            // chunk ends on a page boundary of the source, so each chunk's pages are complete
+            // chunk ends on a page boundary of the source (so each chunk's pages are
+            // complete), rounded up to whole units
             let end = ((src + done + CHUNK).div_ceil(page) * page - src).min(len);
-            self.write_copies(rt, offset + done, &data[done..end]);
+            let end = (done + (end - done).div_ceil(unit) * unit).min(len);
+            if !put(offset + done, &data[done..end]) {
+                return;
+            }
             shared.release(src + done, end - done);
             done = end;
+        }
+    }
+
+    /// Copies the primary's bytes `offset..offset + len` into the replicas of the tensors
+    /// they belong to, and records them as written.
+    fn copy_to_replicas(&self, offset: usize, len: usize) {
+        for p in self.overlapping(offset, offset + len) {
+            let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
+            let range = (s - p.offset) as u64..(e - p.offset) as u64;
+            p.replicas.for_each_span(&p.plan, range.clone(), |r, at, n| {
+                r.copy_from(at as usize, &self.region, p.offset + at as usize, n as usize)
+            });
+            p.replicas.record_write(range);
         }
     }
 

@@ -8,7 +8,7 @@
 use std::ops::Range;
 
 use super::work::{pad, Work, WorkLayout, CACHE_LINE};
-use crate::ggml::{raw, Api, CpuTraits, NumaMoeComputeParams, RowMapping, TensorRef};
+use crate::ggml::{raw, Api, CpuTraits, NumaMoeComputeParams, RepackLayout, RowMapping, TensorRef};
 
 /// The MUL_MAT_ID node as the hook computes it, with its shapes and kernels resolved.
 #[derive(Clone, Copy)]
@@ -21,22 +21,31 @@ pub struct MmidOp {
     /// from_float of vec_dot_type, where src1 needs converting.
     from_float: raw::ggml_from_float_t,
     row_size: usize,
+    /// CPU_REPACK's layout of the weights, where they hold it (computed with its gemv).
+    repack: Option<RepackLayout>,
     api: &'static Api,
 }
 
 impl MmidOp {
-    /// Checks the node against everything ggml-cpu's stock kernel asserts, plus what the
-    /// hook needs (F32 or vec_dot_type activations, I32 ids, sizes that fit the address
-    /// space). `None`: let ggml compute it.
-    pub fn new(api: &'static Api, dst: TensorRef) -> Option<Self> {
+    /// Checks the node against everything ggml-cpu's stock kernel asserts (CPU_REPACK's, for
+    /// weights in its `repack` layout), plus what the hook needs (F32 or vec_dot_type
+    /// activations, I32 ids, sizes that fit the address space). `None`: let ggml compute it.
+    pub fn new(api: &'static Api, dst: TensorRef, repack: Option<RepackLayout>) -> Option<Self> {
         if dst.op() != raw::GGML_OP_MUL_MAT_ID {
             return None;
         }
         let (src0, src1, ids) = (dst.src(0)?, dst.src(1)?, dst.src(2)?);
-        let traits = api.cpu_traits(src0.ty())?;
+        let mut traits = api.cpu_traits(src0.ty())?;
         traits.vec_dot?;
         let mut from_float = None;
-        if src1.ty() != traits.vec_dot_type {
+        if let Some(l) = repack {
+            // CPU_REPACK quantizes F32 activations to its param type, row by row
+            if src1.ty() != raw::GGML_TYPE_F32 || src0.ne()[1] % l.nb_cols as i64 != 0 {
+                return None;
+            }
+            traits.vec_dot_type = l.param_type;
+            from_float = Some(l.from_float);
+        } else if src1.ty() != traits.vec_dot_type {
             if src1.ty() != raw::GGML_TYPE_F32 {
                 return None;
             }
@@ -60,7 +69,7 @@ impl MmidOp {
             return None;
         }
         let row_size = api.row_size(traits.vec_dot_type, ne1[0]);
-        let op = MmidOp { dst, src0, src1, ids, traits, from_float, row_size, api };
+        let op = MmidOp { dst, src0, src1, ids, traits, from_float, row_size, repack, api };
         // the routing table must be addressable: experts x slots x tokens mappings
         op.n_expert().checked_mul(op.n_ids())?.checked_mul(op.n_tokens())?.checked_mul(std::mem::size_of::<RowMapping>())?;
         Some(op)
@@ -247,13 +256,61 @@ impl MmidOp {
         }
     }
 
+    /// Rows that must stay together in a chunk of work: the layout's interleaved group.
+    pub fn row_group(&self) -> i64 {
+        self.repack.map_or(1, |l| l.nb_cols as i64)
+    }
+
+    /// Phase B: output rows `rows` of `expert` for every routed token, from the weights of the
+    /// copy at `base`: ggml-cpu's vec_dot on the standard layout, or CPU_REPACK's gemv on its
+    /// layout (one call per token and chunk, as CPU_REPACK's own MUL_MAT_ID makes them).
+    pub fn compute_rows(&self, w: &Work, base: *const u8, expert: usize, rows: Range<i64>) {
+        match self.repack {
+            Some(l) => self.gemv_rows(w, &l, base, expert, rows),
+            None => self.dot_rows(w, base, expert, rows),
+        }
+    }
+
+    /// CPU_REPACK's gemv on rows `rows` (whole interleaved groups) of `expert`, every routed
+    /// token: the call CPU_REPACK's MUL_MAT_ID makes for its thread's rows, so each output
+    /// is computed by the same kernel from the same bytes, bit for bit.
+    fn gemv_rows(&self, w: &Work, l: &RepackLayout, base: *const u8, expert: usize, rows: Range<i64>) {
+        let n = self.routed(w, expert);
+        if n == 0 || rows.is_empty() {
+            return;
+        }
+        let ne00 = self.src0.ne()[0] as i32;
+        let ne01 = self.src0.ne()[1] as usize;
+        let (nb01, nb02) = (self.src0.nb()[1], self.src0.nb()[2]);
+        let ne11 = self.src1.ne()[1];
+        let nbw1 = self.row_size;
+        let nbw2 = nbw1 * ne11 as usize;
+        let act = w.at(w.layout.converted) as *const u8;
+        let nbd = self.dst.nb();
+        let dst = self.dst.data_ptr();
+        let weights = base.wrapping_add(expert * nb02 + rows.start as usize * nb01);
+        let mapping = self.routed_rows(w, expert);
+        for t in 0..n {
+            // SAFETY: t < routed(expert), inside the mapping thread 0 wrote.
+            let m = unsafe { *mapping.add(t) };
+            let i11 = m.slot as i64 % ne11;
+            let col = act.wrapping_add(i11 as usize * nbw1 + m.token as usize * nbw2);
+            let out =
+                dst.wrapping_add(m.slot as usize * nbd[1] + m.token as usize * nbd[2]).cast::<f32>().wrapping_add(rows.start as usize);
+            // SAFETY: rows is whole interleaved groups of this expert inside the weights; the
+            // converted activation row and the output row are inside their buffers; output
+            // rows `rows` of this (slot, token) are this thread's alone.
+            unsafe { (l.gemv)(ne00, out, ne01, weights.cast(), col.cast(), 1, (rows.end - rows.start) as i32) };
+        }
+    }
+
     /// Phase B: ggml-cpu's tiled K-quant kernel on rows `rows` of `expert` (copy `base`),
     /// shared by the `group_size` threads of one node group (this one is `rank`). Returns
     /// false, on every thread alike, where stock would not take the tiled path either.
     /// `base` is a copy of this op's weights from [`crate::buffer::PlacedTensor::copy_base`].
     #[allow(clippy::not_unsafe_ptr_arg_deref)]
     pub fn tiled(&self, w: &Work, base: *const u8, expert: usize, rows: Range<i64>, rank: usize, group_size: usize) -> bool {
-        if !self.api.has_tiled() || w.layout.tiled_size <= 64 {
+        if self.repack.is_some() || !self.api.has_tiled() || w.layout.tiled_size <= 64 {
             return false;
         }
         let n = self.routed(w, expert);

@@ -189,12 +189,12 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
     // The rest in chunks the group's threads claim one at a time from the group's counter:
     // a thread that runs slower (a busy core, an SMT sibling) simply claims fewer, and no
     // thread leaves its node's pieces. Chunks as stock's: 64 rows for one token, else 16.
-    let items = chunks(&placed.by_expert, |e| op.routed(work, e), &mine, &tiled);
+    let items = chunks(&placed.by_expert, |e| op.routed(work, e), &mine, &tiled, op.row_group());
     debug_assert!(slot < nth);
     loop {
         let i = work.claim(slot);
         let Some(&(expert, ref rows, copy)) = items.get(i) else { break };
-        op.dot_rows(work, placed.copy_base(primary, copy), expert, rows.clone());
+        op.compute_rows(work, placed.copy_base(primary, copy), expert, rows.clone());
         if record {
             let n = (rows.end - rows.start) as u64;
             tally.rows += n * op.routed(work, expert) as u64;
@@ -292,6 +292,7 @@ fn chunks(
     routed: impl Fn(usize) -> usize,
     mine: &dyn Fn(&&Piece) -> bool,
     tiled: &[(usize, u64)],
+    row_group: i64,
 ) -> Vec<(usize, std::ops::Range<i64>, usize)> {
     let mut items = Vec::new();
     for (expert, pieces) in by_expert.iter().enumerate() {
@@ -299,7 +300,9 @@ fn chunks(
         if n == 0 {
             continue;
         }
-        let chunk = if n == 1 { 64 } else { 16 };
+        // whole interleaved groups where the layout has them (pieces start on one)
+        let group = row_group.max(1);
+        let chunk = (if n == 1 { 64 } else { 16 } + group - 1) / group * group;
         for p in pieces.iter().filter(mine) {
             if tiled.contains(&(expert, p.rows.start)) {
                 continue;
@@ -330,12 +333,12 @@ mod tests {
         // expert 1 not routed; expert 2 has 5 rows (16-row chunks), expert 0 one (64-row chunks)
         let routed = |e: usize| [1, 0, 5][e];
         let on0 = |p: &&Piece| p.node == 0;
-        let items = chunks(&by_expert, routed, &on0, &[]);
+        let items = chunks(&by_expert, routed, &on0, &[], 1);
         let rows: Vec<(usize, i64, i64)> = items.iter().map(|(e, r, _)| (*e, r.start, r.end)).collect();
         assert_eq!(rows[..2], [(0, 0, 64), (0, 64, 100)]);
         assert_eq!(rows[2..], [(2, 0, 16), (2, 16, 32), (2, 32, 48), (2, 48, 64), (2, 64, 80), (2, 80, 96), (2, 96, 100)]);
         assert!(items.iter().all(|(_, _, copy)| *copy == 0));
-        let skip = chunks(&by_expert, routed, &on0, &[(2, 0)]);
+        let skip = chunks(&by_expert, routed, &on0, &[(2, 0)], 1);
         assert_eq!(skip.len(), 2);
     }
 }

@@ -17,18 +17,48 @@ use crate::ggml::{self, raw, Api, NumaMoeComputeParams, NumaMoeGgmlApi, TensorRe
 use crate::placement::Compute;
 
 const BUFT_NAME: &[u8] = b"NUMA_MOE\0";
+const BUFT_NAME_REPACK: &[u8] = b"NUMA_MOE_REPACK\0";
 
-/// Our buffer type object: ggml keeps a pointer to it for the life of the process.
-struct Buft(*mut raw::ggml_backend_buffer_type);
-// SAFETY: the object is created once, never mutated, and ggml reads it from any thread.
-unsafe impl Send for Buft {}
+/// Our buffer type objects: ggml keeps pointers to them for the life of the process. The
+/// standard one holds ggml's standard layout and is a host buffer (a GPU backend may copy
+/// from it); the repacked one holds CPU_REPACK's layouts and, like CPU_REPACK's, is not.
+struct Bufts {
+    standard: *mut raw::ggml_backend_buffer_type,
+    repacked: *mut raw::ggml_backend_buffer_type,
+}
+// SAFETY: the objects are created once, never mutated, and ggml reads them from any thread.
+unsafe impl Send for Bufts {}
 // SAFETY: as above.
-unsafe impl Sync for Buft {}
+unsafe impl Sync for Bufts {}
 
-static BUFT: OnceLock<Buft> = OnceLock::new();
+static BUFTS: OnceLock<Bufts> = OnceLock::new();
 
 fn our_buft() -> *mut raw::ggml_backend_buffer_type {
-    BUFT.get().map_or(std::ptr::null_mut(), |b| b.0)
+    BUFTS.get().map_or(std::ptr::null_mut(), |b| b.standard)
+}
+
+fn repack_buft() -> *mut raw::ggml_backend_buffer_type {
+    BUFTS.get().map_or(std::ptr::null_mut(), |b| b.repacked)
+}
+
+/// Whether `buft` is one of ours.
+fn is_ours(buft: *mut raw::ggml_backend_buffer_type) -> bool {
+    !buft.is_null() && (buft == our_buft() || buft == repack_buft())
+}
+
+fn new_buft(api: &Api, context: *mut c_void, repacked: bool) -> *mut raw::ggml_backend_buffer_type {
+    Box::into_raw(Box::new(raw::ggml_backend_buffer_type {
+        iface: raw::ggml_backend_buffer_type_i {
+            get_name: Some(if repacked { buft_get_name_repack } else { buft_get_name }),
+            alloc_buffer: Some(buft_alloc_buffer),
+            get_alignment: Some(buft_get_alignment),
+            get_max_size: None,
+            get_alloc_size: None,
+            is_host: if repacked { None } else { Some(buft_is_host) },
+        },
+        device: api.cpu_device().cast(),
+        context,
+    }))
 }
 
 /// Attaches numa-moe to ggml: stores ggml's function table and returns our buffer type
@@ -49,27 +79,23 @@ pub unsafe extern "C" fn numa_moe_ggml_attach(api: *const NumaMoeGgmlApi) -> *mu
                 return std::ptr::null_mut();
             }
         };
-        let buft = BUFT.get_or_init(|| {
+        let bufts = BUFTS.get_or_init(|| {
             // the routing report and NUMA_MOE_ROUTING_OUT at exit (once per process)
             // SAFETY: at_exit is a plain extern "C" function that never unwinds.
             unsafe { libc::atexit(super::routing::at_exit) };
-            let b = Box::new(raw::ggml_backend_buffer_type {
-                iface: raw::ggml_backend_buffer_type_i {
-                    get_name: Some(buft_get_name),
-                    alloc_buffer: Some(buft_alloc_buffer),
-                    get_alignment: Some(buft_get_alignment),
-                    get_max_size: None,
-                    get_alloc_size: None,
-                    is_host: Some(buft_is_host),
-                },
-                device: api.cpu_device().cast(),
-                context: api.extra_context(),
-            });
-            Buft(Box::into_raw(b))
+            let repacked = if api.has_repack() { new_buft(api, api.extra_context_repack(), true) } else { std::ptr::null_mut() };
+            Bufts { standard: new_buft(api, api.extra_context(), false), repacked }
         });
         announce(api);
-        buft.0.cast()
+        bufts.standard.cast()
     })
+}
+
+/// numa-moe's buffer type for CPU_REPACK's layouts (made by numa_moe_ggml_attach), or NULL
+/// where ggml-cpu has no repack or before attach.
+#[no_mangle]
+pub extern "C" fn numa_moe_ggml_repack_buffer_type() -> *mut c_void {
+    repack_buft().cast()
 }
 
 /// Says once, at attach, what numa-moe will do on this machine.
@@ -110,6 +136,10 @@ unsafe extern "C" fn buft_get_name(_: *mut raw::ggml_backend_buffer_type) -> *co
     BUFT_NAME.as_ptr().cast()
 }
 
+unsafe extern "C" fn buft_get_name_repack(_: *mut raw::ggml_backend_buffer_type) -> *const c_char {
+    BUFT_NAME_REPACK.as_ptr().cast()
+}
+
 unsafe extern "C" fn buft_get_alignment(_: *mut raw::ggml_backend_buffer_type) -> usize {
     // Page alignment: every tensor starts on its own page, so binding one tensor never
     // moves a page another tensor shares.
@@ -127,7 +157,7 @@ unsafe extern "C" fn buft_alloc_buffer(buft: *mut raw::ggml_backend_buffer_type,
             crate::log::error("numa-moe: stopping the load because of the expert map error above");
             return std::ptr::null_mut();
         }
-        let buf = match NumaBuffer::new(rt, size) {
+        let buf = match NumaBuffer::new(rt, size, buft == repack_buft()) {
             Ok(b) => b,
             Err(e) => {
                 crate::log::error(&format!("numa-moe: {e}"));
@@ -168,7 +198,7 @@ unsafe fn numa_buffer<'a>(b: *mut raw::ggml_backend_buffer) -> &'a NumaBuffer {
 
 /// The numa-moe buffer holding `t`, if `t` lives in one.
 fn buffer_of<'a>(t: TensorRef) -> Option<&'a NumaBuffer> {
-    if t.buffer().is_null() || t.buffer_type() != our_buft() || t.buffer_context().is_null() {
+    if t.buffer().is_null() || !is_ours(t.buffer_type()) || t.buffer_context().is_null() {
         return None;
     }
     // SAFETY: a tensor in a buffer of our type lives in a live NumaBuffer (ggml frees tensors'
@@ -196,8 +226,18 @@ unsafe extern "C" fn buf_get_base(b: *mut raw::ggml_backend_buffer) -> *mut c_vo
     unsafe { numa_buffer(b) }.base().cast()
 }
 
-fn tensor_info(api: &Api, t: TensorRef) -> TensorInfo {
-    TensorInfo { name: t.name(), type_name: api.type_name(t.ty()), ne: t.ne(), nb: t.nb(), packed: t.is_expert_stack_layout(api) }
+/// ggml's view of `t` for the planner; `repacked`: as it will be stored in our repacked
+/// buffer type (split points on CPU_REPACK's row groups).
+fn tensor_info(api: &Api, t: TensorRef, repacked: bool) -> TensorInfo {
+    let row_group = if repacked { api.repack_layout(t).map_or(1, |l| l.nb_cols) } else { 1 };
+    TensorInfo {
+        name: t.name(),
+        type_name: api.type_name(t.ty()),
+        ne: t.ne(),
+        nb: t.nb(),
+        packed: t.is_expert_stack_layout(api),
+        row_group,
+    }
 }
 
 unsafe extern "C" fn buf_init_tensor(b: *mut raw::ggml_backend_buffer, tensor: *mut raw::ggml_tensor) -> raw::ggml_status {
@@ -210,7 +250,7 @@ unsafe extern "C" fn buf_init_tensor(b: *mut raw::ggml_backend_buffer, tensor: *
         let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return raw::GGML_STATUS_SUCCESS };
         // SAFETY: b is one of our live buffers.
         let buf = unsafe { numa_buffer(b) };
-        match buf.init_tensor(rt, &tensor_info(api, t), offset_in(buf, t)) {
+        match buf.init_tensor(rt, &tensor_info(api, t, buf.repacked()), offset_in(buf, t)) {
             Ok(()) => raw::GGML_STATUS_SUCCESS,
             Err(e) => {
                 crate::log::error(&format!("numa-moe: {e}"));
@@ -249,8 +289,37 @@ unsafe extern "C" fn buf_set_tensor(
         // SAFETY: ggml passes `size` readable bytes at `data`, outside our buffer (its source
         // is host memory of another tensor, the model file or the loader's staging buffer).
         let src = unsafe { bytes(data.cast(), size) };
-        buf.write(rt, offset_in(buf, t) + offset, src);
+        write(rt, buf, t, offset, src);
     })
+}
+
+/// Writes `src` at `offset` of tensor `t`: as it is, or, in the repacked buffer type,
+/// converted with CPU_REPACK's own routine into the layout its kernels read.
+fn write(rt: &Runtime, buf: &NumaBuffer, t: TensorRef, offset: usize, src: &[u8]) {
+    let at = offset_in(buf, t) + offset;
+    let layout = if buf.repacked() { ggml::api().and_then(|api| api.repack_layout(t).map(|l| (api, l))) } else { None };
+    let Some((api, layout)) = layout else {
+        buf.write(rt, at, src);
+        return;
+    };
+    let row_bytes = t.nb()[1];
+    let group = row_bytes * layout.nb_cols as usize;
+    let base = buf.base();
+    let converted = buf.write_repacked(at, src, group, |to, chunk| {
+        // SAFETY: write_repacked hands whole row groups of the tensor inside our region;
+        // `to` is their offset in the region, which holds chunk.len() bytes there.
+        unsafe { api.repack(t, base.wrapping_add(to), (chunk.len() / row_bytes) as i64, chunk) }
+    });
+    if !converted {
+        let msg = format!(
+            "numa-moe: cannot write {} bytes at byte {offset} of {} in CPU_REPACK's layout (writes must cover whole {}-row groups); the tensor is left incomplete",
+            src.len(),
+            t.name(),
+            layout.nb_cols
+        );
+        crate::log::error(&msg);
+        super::set_last_error(msg);
+    }
 }
 
 unsafe extern "C" fn buf_get_tensor(
@@ -298,7 +367,7 @@ unsafe extern "C" fn buf_cpy_tensor(b: *mut raw::ggml_backend_buffer, src: *cons
         // SAFETY: a host tensor's data is readable for its nbytes and is not in our region
         // (ggml copies between distinct tensors).
         let data = unsafe { bytes(s.data_ptr(), s.nbytes(api)) };
-        buf.write(rt, offset_in(buf, d), data);
+        write(rt, buf, d, 0, data);
         true
     })
 }
@@ -338,7 +407,8 @@ fn hooked_op(api: &'static Api, op: TensorRef) -> Option<(&'static NumaBuffer, s
     if placed.plan.compute == Compute::Stock {
         return None;
     }
-    let mm = MmidOp::new(api, op)?;
+    let layout = if buf.repacked() { Some(api.repack_layout(op.src(0)?)?) } else { None };
+    let mm = MmidOp::new(api, op, layout)?;
     Some((buf, placed, mm))
 }
 
@@ -361,22 +431,37 @@ fn supports_op(api: &'static Api, rt: &Runtime, op: TensorRef) -> bool {
     let Some(src0) = op.src(0) else { return false };
     // llama.cpp's loader asks whether a weight may live in our buffer by building a dummy
     // op over it in an empty buffer of our type: no data yet. We take expert stacks only.
-    let probing = (0..4).filter_map(|i| op.src(i)).any(|s| s.buffer_type() == our_buft() && s.data_addr() == 0);
+    let probing = (0..4).filter_map(|i| op.src(i)).any(|s| is_ours(s.buffer_type()) && s.data_addr() == 0);
+    let repacked = src0.buffer_type() == repack_buft() && !src0.buffer_type().is_null();
     if !probing {
         // A graph node reading weights already in our buffer: ggml-cpu computes it (our hook,
-        // or its stock kernel on the standard layout). MUL_MAT has stock's one restriction.
+        // or the stock kernel of the weights' layout). Repacked weights support what
+        // CPU_REPACK's do for a stack: MUL_MAT_ID on F32 host activations.
+        if repacked || (0..4).filter_map(|i| op.src(i)).any(|s| s.buffer_type() == repack_buft() && !s.buffer_type().is_null()) {
+            let Some(src1) = op.src(1) else { return false };
+            return repacked
+                && op.op() == raw::GGML_OP_MUL_MAT_ID
+                && src1.ty() == raw::GGML_TYPE_F32
+                && (src1.buffer().is_null() || is_host_buffer(src1));
+        }
         if op.op() == raw::GGML_OP_MUL_MAT {
             let (Some(src1), Some(t)) = (op.src(1), api.cpu_traits(src0.ty())) else { return false };
             return src1.ty() == raw::GGML_TYPE_F32 || src1.ty() == t.vec_dot_type;
         }
         return true;
     }
-    if op.op() != raw::GGML_OP_MUL_MAT_ID || src0.buffer_type() != our_buft() {
+    if op.op() != raw::GGML_OP_MUL_MAT_ID || !is_ours(src0.buffer_type()) {
         return false;
     }
-    // The loader's probe: take the tensor if the map places it.
-    let info = tensor_info(api, src0);
-    let Some(t) = info.expert_tensor() else { return false };
+    // The loader's probe: take the tensor if the map places it; in the repacked type, only
+    // the tensors CPU_REPACK would take (so the layout, and the results, are stock's).
+    if repacked && (api.repack_layout(src0).is_none() || !api.stock_repacks(op)) {
+        return false;
+    }
+    let info = tensor_info(api, src0, repacked);
+    if info.expert_tensor().is_none() {
+        return false;
+    }
     if rt.pending_error().is_some() {
         return true; // take it so the allocation fails with the message
     }
@@ -385,17 +470,6 @@ fn supports_op(api: &'static Api, rt: &Runtime, op: TensorRef) -> bool {
     }
     match plan_for(rt, &info) {
         Ok(None) => false,
-        Ok(Some(_)) if rt.topology.compute_nodes().len() <= 1 && api.stock_repacks(op) => {
-            crate::log::warn_once(
-                rt,
-                &format!("repack-{}", t.type_name),
-                &format!(
-                    "numa-moe: one NUMA node: {} expert tensors stay with ggml's CPU_REPACK kernels, which are faster here than placement",
-                    t.type_name
-                ),
-            );
-            false
-        }
         Ok(Some(_)) => true,
         Err(e) => {
             crate::log::error(&format!("numa-moe: {e}"));
