@@ -32,6 +32,7 @@ if [ "$(cat "$M/many/.stamp" 2>/dev/null)" != "$stamp_many" ]; then
     gen e64u4-q4_0    --experts 64  --used 4 --ff 256 --type q4_0   --seed 6
     gen e32u8-bf16    --experts 32  --used 8 --ff 128 --type bf16   --seed 7
     gen e96u6-q6_K    --experts 96  --used 6 --ff 256 --type q6_K   --seed 8
+    gen e64u8-iq4_nl  --experts 64  --used 8 --ff 256 --type iq4_nl --seed 9
     echo "$stamp_many" > "$M/many/.stamp"
 fi
 echo "models: $(ls "$M"/archs/*.gguf | wc -l) architectures, $(ls "$M"/many/*.gguf | wc -l) many-expert models in $M"

@@ -233,7 +233,14 @@ impl NumaBuffer {
     /// (interleaved row groups), dropping the file's pages as [`NumaBuffer::write`] does; the
     /// converted bytes then reach every replica. False, with nothing converted, when the
     /// write does not cover whole row groups of one planned tensor, or when `convert` fails.
-    pub fn write_repacked(&self, offset: usize, data: &[u8], group_bytes: usize, convert: impl Fn(usize, &[u8]) -> bool) -> bool {
+    pub fn write_repacked(
+        &self,
+        rt: &Runtime,
+        offset: usize,
+        data: &[u8],
+        group_bytes: usize,
+        convert: impl Fn(usize, &[u8]) -> bool,
+    ) -> bool {
         let (len, group) = (data.len(), group_bytes.max(1));
         let Some(end) = offset.checked_add(len).filter(|&e| e <= self.region.len()) else { return false };
         let start_of = self.overlapping(offset, end).first().map_or(offset, |p| p.offset);
@@ -248,6 +255,7 @@ impl NumaBuffer {
             }
             ok
         });
+        self.report_once(rt);
         ok
     }
 

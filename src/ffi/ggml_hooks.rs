@@ -305,7 +305,7 @@ fn write(rt: &Runtime, buf: &NumaBuffer, t: TensorRef, offset: usize, src: &[u8]
     let row_bytes = t.nb()[1];
     let group = row_bytes * layout.nb_cols as usize;
     let base = buf.base();
-    let converted = buf.write_repacked(at, src, group, |to, chunk| {
+    let converted = buf.write_repacked(rt, at, src, group, |to, chunk| {
         // SAFETY: write_repacked hands whole row groups of the tensor inside our region;
         // `to` is their offset in the region, which holds chunk.len() bytes there.
         unsafe { api.repack(t, base.wrapping_add(to), (chunk.len() / row_bytes) as i64, chunk) }

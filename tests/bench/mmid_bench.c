@@ -481,7 +481,7 @@ static void find_bufts(void) {
     ggml_backend_buffer_type_t * list = cpu_extra_bufts();
     for (int i = 0; list && list[i]; i++) {
         const char * name = ggml_backend_buft_name(list[i]);
-        if (i == 0 && !strcmp(name, "NUMA_MOE")) {
+        if (!strcmp(name, "NUMA_MOE")) {
             g_numa_buft = list[i];
         } else if (!strcmp(name, "CPU_REPACK")) {
             g_repack_buft = list[i];

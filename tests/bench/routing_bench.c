@@ -74,7 +74,7 @@ static int op_init(struct op * o, const char * map, const uint8_t * wbytes, int 
     o->wctx = ggml_init(wp);
     o->w    = ggml_new_tensor_3d(o->wctx, GGML_TYPE_Q8_0, N_IN, N_OUT, N_EXPERT);
     ggml_set_name(o->w, "blk.0.ffn_down_exps.weight");
-    o->buf = ggml_backend_alloc_ctx_tensors_from_buft(o->wctx, cpu_extra_bufts()[0]);
+    o->buf = ggml_backend_alloc_ctx_tensors_from_buft(o->wctx, cpu_extra_buft("NUMA_MOE"));
     if (!o->buf) {
         fprintf(stderr, "routing_bench: cannot allocate under map %s\n", map);
         return 0;

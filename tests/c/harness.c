@@ -206,21 +206,45 @@ static void test_pages_per_node(void) {
 // ---------------------------------------------------------------------------------------
 // the buffer type
 
+// numa-moe's buffer type for ggml's standard layout
 static ggml_backend_buffer_type_t numa_moe_buft(void) {
-    ggml_backend_buffer_type_t * list = cpu_extra_bufts();
-    return list ? list[0] : NULL;
+    return cpu_extra_buft("NUMA_MOE");
 }
 
-static void test_buffer_type_is_first_and_host(void) {
-    ggml_backend_buffer_type_t b = numa_moe_buft();
-    CHECK(b != NULL);
-    if (!b) {
+// numa-moe's buffer type for CPU_REPACK's layouts, and CPU_REPACK's own
+static ggml_backend_buffer_type_t numa_moe_repack_buft(void) {
+    return cpu_extra_buft("NUMA_MOE_REPACK");
+}
+
+static ggml_backend_buffer_type_t cpu_repack_buft(void) {
+    return cpu_extra_buft("CPU_REPACK");
+}
+
+// llama.cpp's loader offers weights to numa-moe's types first: the repacked one, then the
+// standard one, ahead of CPU_REPACK (and, through the CPU backend's proc address, ahead of a
+// GPU's host buffer and with --no-repack, where only the standard one is offered).
+static void test_buffer_types_come_first(void) {
+    ggml_backend_buffer_type_t * list = cpu_extra_bufts();
+    CHECK(list && list[0] && list[1]);
+    if (!list || !list[0] || !list[1]) {
         return;
     }
-    CHECK(strcmp(ggml_backend_buft_name(b), "NUMA_MOE") == 0, "first extra buffer type is %s", ggml_backend_buft_name(b));
-    CHECK(numa_moe_buffer_type() == (void *) b);
-    CHECK(ggml_backend_buft_is_host(b));
-    CHECK(ggml_backend_buft_get_alignment(b) == 4096);
+    CHECK(strcmp(ggml_backend_buft_name(list[0]), "NUMA_MOE_REPACK") == 0, "first extra buffer type is %s", ggml_backend_buft_name(list[0]));
+    CHECK(strcmp(ggml_backend_buft_name(list[1]), "NUMA_MOE") == 0, "second extra buffer type is %s", ggml_backend_buft_name(list[1]));
+    CHECK(numa_moe_buffer_type() == (void *) list[1]);
+    CHECK(numa_moe_ggml_repack_buffer_type() == (void *) list[0]);
+    CHECK(ggml_backend_buft_is_host(list[1]), "the standard layout is host memory (a GPU may copy from it)");
+    CHECK(!ggml_backend_buft_is_host(list[0]), "repacked layouts are not host memory, as CPU_REPACK's are not");
+    CHECK(ggml_backend_buft_get_alignment(list[0]) == 4096 && ggml_backend_buft_get_alignment(list[1]) == 4096);
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    typedef ggml_backend_buffer_type_t * (*types_fn)(bool);
+    types_fn types = (types_fn) ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_numa_moe_buffer_types");
+    CHECK(types != NULL, "ggml-cpu does not export ggml_backend_numa_moe_buffer_types");
+    if (types) {
+        ggml_backend_buffer_type_t * on = types(true), * off = types(false);
+        CHECK(on[0] == list[0] && on[1] == list[1] && on[2] == NULL, "with extra buffer types: repacked, standard");
+        CHECK(off[0] == list[1] && off[1] == NULL, "with --no-repack: the standard type only");
+    }
 }
 
 struct experts {
@@ -465,12 +489,45 @@ static float * run_mmid(const struct mmid_case * c, ggml_backend_buffer_type_t b
         return NULL;
     }
     ggml_backend_tensor_set(e.w, wbytes, 0, ggml_nbytes(e.w));
+    NumaMoePageReport rep;
+    if (map && !topology_is_described() && numa_moe_tensor_verify(e.w, &rep) == NUMA_MOE_RESULT_OK) {
+        CHECK(rep.misplaced == 0, "%s, map %s: %" PRIu64 " pages off their planned node", ggml_backend_buft_name(buft), map, rep.misplaced);
+    }
     float * res = mmid_over(&e, c, act, ids, n_threads);
     experts_free(&e);
     return res;
 }
 
+// Whether CPU_REPACK gives weights of this type and row count a repacked layout here (ggml's
+// own rule: it sets the tensor's traits when the tensor is allocated in its buffer).
+static int cpu_repacks(enum ggml_type type, int64_t n_embd, int64_t n_ff) {
+    if (!cpu_repack_buft()) {
+        return 0;
+    }
+    struct ggml_init_params ip  = { 2 * ggml_tensor_overhead(), NULL, true };
+    struct ggml_context *   ctx = ggml_init(ip);
+    struct ggml_tensor *    w   = ggml_new_tensor_3d(ctx, type, n_embd, n_ff, 2);
+    ggml_backend_buffer_t   buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, cpu_repack_buft());
+    const int               yes = buf && w->extra != NULL;
+    if (buf) {
+        ggml_backend_buffer_free(buf);
+    }
+    ggml_free(ctx);
+    return yes;
+}
+
+// The output of numa-moe's hook with the weights in `got_buft` equals, bit for bit, the output
+// of ggml-cpu's stock kernel with them in `ref_buft` (CPU: the standard layout; CPU_REPACK:
+// its repacked layouts), for every map and thread count.
+static int mmid_identical_in(const struct mmid_case * c, const char * const * maps, const int * threads, ggml_backend_buffer_type_t ref_buft,
+                             ggml_backend_buffer_type_t got_buft);
+
 static int mmid_identical(const struct mmid_case * c, const char * const * maps, const int * threads) {
+    return mmid_identical_in(c, maps, threads, ggml_backend_cpu_buffer_type(), numa_moe_buft());
+}
+
+static int mmid_identical_in(const struct mmid_case * c, const char * const * maps, const int * threads, ggml_backend_buffer_type_t ref_buft,
+                             ggml_backend_buffer_type_t got_buft) {
     const int64_t ne11 = c->broadcast ? 1 : c->n_used;
     struct ggml_init_params ip = { ggml_tensor_overhead(), NULL, true };
     struct ggml_context * meta = ggml_init(ip);
@@ -501,11 +558,11 @@ static int mmid_identical(const struct mmid_case * c, const char * const * maps,
     int ok = 1;
     NumaMoeStats before, after;
     for (int ti = 0; threads[ti]; ti++) {
-        float * ref = run_mmid(c, ggml_backend_cpu_buffer_type(), wbytes, act, ids, threads[ti], NULL);
+        float * ref = run_mmid(c, ref_buft, wbytes, act, ids, threads[ti], NULL);
         CHECK(ref != NULL);
         for (int mi = 0; maps[mi] && ref; mi++) {
             numa_moe_stats_get(&before);
-            float * got = run_mmid(c, numa_moe_buft(), wbytes, act, ids, threads[ti], maps[mi]);
+            float * got = run_mmid(c, got_buft, wbytes, act, ids, threads[ti], maps[mi]);
             CHECK(got != NULL, "map %s: %s", maps[mi], last_error());
             numa_moe_stats_get(&after);
             // interleave is computed by ggml's own kernel; every other layout by numa-moe's hook
@@ -518,8 +575,9 @@ static int mmid_identical(const struct mmid_case * c, const char * const * maps,
                 while (i < out_bytes / 4 && memcmp(&ref[i], &got[i], 4) == 0) {
                     i++;
                 }
-                CHECK(0, "%s %" PRId64 " tokens, %d threads, map %s: output %zu differs (%g vs %g)", ggml_type_name(c->type),
-                      c->n_tokens, threads[ti], maps[mi], i, (double) ref[i], (double) got[i]);
+                CHECK(0, "%s %" PRId64 " tokens, %d threads, map %s, %s: output %zu differs from %s's (%g vs %g)", ggml_type_name(c->type),
+                      c->n_tokens, threads[ti], maps[mi], ggml_backend_buft_name(got_buft), i, ggml_backend_buft_name(ref_buft), (double) ref[i],
+                      (double) got[i]);
                 ok = 0;
             }
             free(got);
@@ -575,6 +633,37 @@ static void test_mmid_prefill(void) {
         struct mmid_case d = { types[i], 256, 160, 8, 4, 64, 0 };
         mmid_identical(&d, compute_maps(), threads);
     }
+}
+
+// CPU_REPACK's layouts (q4_0, q4_K, iq4_nl, mxfp4 on x86 with AVX2): numa-moe holds them in
+// its repacked buffer type, split on the layout's row groups, and its hook equals CPU_REPACK's
+// kernel bit for bit: decode, small batches and prefill, 1-4 threads, every map.
+static void test_mmid_repacked_layouts(void) {
+    if (!numa_moe_repack_buft() || !cpu_repack_buft()) {
+        printf("  (skipped: ggml-cpu has no CPU_REPACK here)\n");
+        return;
+    }
+    const int threads[] = { 1, 2, 3, 4, 0 };
+    int       tested    = 0;
+    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++) {
+        if (!cpu_repacks(k_types[i], 256, 64)) {
+            continue;
+        }
+        tested++;
+        const struct mmid_case cases[] = {
+            { k_types[i], 256, 64, 8, 4, 1, 1 },    // decode (gate/up)
+            { k_types[i], 256, 96, 8, 4, 9, 0 },    // a small batch (down)
+            { k_types[i], 256, 160, 8, 4, 64, 0 },  // prefill
+            { k_types[i], 512, 136, 16, 6, 128, 1 },
+        };
+        for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+            mmid_identical_in(&cases[k], compute_maps(), threads, cpu_repack_buft(), numa_moe_repack_buft());
+        }
+    }
+#if defined(__x86_64__)
+    // the x86 rule at the pin: q4_0, q4_K, iq4_nl and mxfp4 with AVX2 (this build's baseline)
+    CHECK(tested >= 4, "CPU_REPACK repacks only %d of the tested types here", tested);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1102,7 +1191,7 @@ static const struct test k_tests[] = {
     { "abi_map_errors", test_map_errors_name_the_problem },
     { "abi_map_render", test_map_render },
     { "abi_pages_per_node", test_pages_per_node },
-    { "buffer_type", test_buffer_type_is_first_and_host },
+    { "buffer_types", test_buffer_types_come_first },
     { "buffer_round_trip", test_round_trip_every_layout },
     { "buffer_cycles", test_alloc_free_cycles },
     { "buffer_bind_failure", test_bind_failure_strict_and_fallback },
@@ -1111,6 +1200,7 @@ static const struct test k_tests[] = {
     { "mmid_decode", test_mmid_decode_every_type },
     { "mmid_batches", test_mmid_small_batches },
     { "mmid_prefill", test_mmid_prefill },
+    { "mmid_repacked", test_mmid_repacked_layouts },
     { "fault_syscalls", test_fault_syscalls },
     { "fault_topology", test_fault_topology },
     { "numa_topology", test_numa_topology_matches_the_machine },

@@ -14,11 +14,12 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 PROMPT="The quick brown fox jumps over the lazy dog"
 
-# 1. the same tokens from bit-identical logits, with and without numa-moe. The reference is
-# llama.cpp's own kernel on the same plain layout: without extra buffer types (where numa-moe
-# places the experts) or stock as shipped (where numa-moe leaves them to CPU_REPACK, which it
-# does on one node for the types repack handles). The test models keep their non-expert
-# weights in types repack does not touch, so both references compute them alike.
+# 1. the same tokens from bit-identical logits, with and without numa-moe, in the same
+# configuration: stock as shipped (CPU_REPACK on) is the reference of numa-moe's default run,
+# and stock without extra buffer types (--no-repack) that of numa-moe with it. Where stock
+# repacks the experts (q4_0, q4_K, iq4_nl, mxfp4 on x86) numa-moe must hold them in the same
+# layout ("repacked for CPU_REPACK's kernels"), and the two references then differ: a
+# numa-moe that computed the plain layout would match the wrong one.
 models=("$M"/archs/*-moe.gguf "$M"/many/*.gguf)
 skipped=()
 for model in "${models[@]}"; do
@@ -34,33 +35,63 @@ for model in "${models[@]}"; do
         fail "$name: stock llama.cpp failed: $(tail -2 "$plain.err" "$stock.err" | tr '\n' ' ')"
         continue
     fi
-    runs=("host|rows" "two|rows" "two|block" "two|mirror" "two|interleave" "four|rows" "four|0:0+1,1:2,*:3")
+    # whether stock put expert tensors in CPU_REPACK (its buffer line; llama.cpp lists them)
+    stock_repacks=0
+    grep -q "CPU_REPACK model buffer size" "$stock.err" && stock_repacks=1
+    runs=("host|rows" "two|rows" "two|block" "two|mirror" "two|interleave" "four|rows" "four|0:0+1,1:2,*:3" "two|rows|-nr" "four|mirror|-nr")
     for run in "${runs[@]}"; do
-        machine=${run%%|*}
-        map=${run#*|}
+        IFS='|' read -r machine map nr <<< "$run"
         case $machine in
             host) topo=host ;;
             two) topo=$TWO ;;
             four) topo=$FOUR ;;
         esac
-        got=$OUT/$name.$machine.$(echo "$map" | tr ':,+*' '___x')
-        if ! greedy "$topo" "$map" "$model" "$got" 16; then
-            fail "$name [$machine, $map]: llama.cpp failed: $(grep -m2 -iE 'error|fail' "$got.err" | tr '\n' ' ')"
+        got=$OUT/$name.$machine.$(echo "$map" | tr ':,+*' '___x')${nr:+.nr}
+        extra=()
+        ref=$stock
+        [ -n "$nr" ] && extra=(--no-extra-bufts) && ref=$plain
+        if ! greedy "$topo" "$map" "$model" "$got" 16 "${extra[@]}"; then
+            fail "$name [$machine, $map${nr:+, --no-repack}]: llama.cpp failed: $(grep -m2 -iE 'error|fail' "$got.err" | tr '\n' ' ')"
             continue
         fi
-        if grep -q "numa-moe: [0-9]* expert tensors" "$got.err"; then
-            ref=$plain
-        elif [ "$machine" = host ] && grep -q "stay with ggml's CPU_REPACK" "$got.err"; then
-            ref=$stock
-        else
-            fail "$name [$machine, $map]: numa-moe placed no expert tensor"
+        if ! grep -q "numa-moe: [0-9]* expert tensors" "$got.err"; then
+            fail "$name [$machine, $map${nr:+, --no-repack}]: numa-moe placed no expert tensor"
             continue
         fi
-        if cmp -s "$ref" "$got"; then
+        repacked=0
+        grep -q "repacked for CPU_REPACK's kernels" "$got.err" && repacked=1
+        if [ -z "$nr" ] && [ $repacked != $stock_repacks ]; then
+            fail "$name [$machine, $map]: stock repacks experts: $stock_repacks, numa-moe repacked them: $repacked"
+        elif [ -n "$nr" ] && [ $repacked = 1 ]; then
+            fail "$name [$machine, $map, --no-repack]: numa-moe repacked although --no-repack was given"
+        elif cmp -s "$ref" "$got"; then
             pass
         else
-            fail "$name [$machine, $map]: differs from stock at step $(cmp "$ref" "$got" | sed -n 's/.*line \([0-9]*\).*/\1/p')"
+            fail "$name [$machine, $map${nr:+, --no-repack}]: differs from stock${nr:+ --no-repack} at step $(cmp "$ref" "$got" | sed -n 's/.*line \([0-9]*\).*/\1/p')"
         fi
+    done
+done
+
+# 1a. threads: 1, 3 and 4 threads (2 above) on the repacked and plain layouts, described
+# 2- and 4-node machines, batches of prompt and decode
+for model in "$M"/many/e64u8-q4_K.gguf "$M"/many/e32u4-mxfp4.gguf "$M"/many/e32u4-q8_0.gguf; do
+    name=$(basename "$model" .gguf)
+    for t in 1 3 4; do
+        ref=$OUT/$name.stock-t$t
+        if ! greedy stock off "$model" "$ref" 16 --threads "$t"; then
+            fail "$name [$t threads]: stock llama.cpp failed"
+            continue
+        fi
+        for machine in two four; do
+            topo=$TWO
+            [ $machine = four ] && topo=$FOUR
+            got=$OUT/$name.$machine.t$t
+            if greedy "$topo" rows "$model" "$got" 16 --threads "$t" && cmp -s "$ref" "$got"; then
+                pass
+            else
+                fail "$name [$machine, rows, $t threads]: differs from stock or failed: $(grep -m2 -iE 'error|fail' "$got.err" | tr '\n' ' ')"
+            fi
+        done
     done
 done
 
@@ -79,8 +110,8 @@ fi
 
 # 2. KL divergence against stock logits (llama-perplexity): numa-moe's statistics are exactly
 # those of stock against the same base. llama.cpp stores base log-probabilities in 16 bits, so
-# even stock against itself shows |KLD| up to 1e-6; the mean must print as 0. Stock runs
-# without extra buffer types (--no-repack), the layout numa-moe's kernels are held to.
+# even stock against itself shows |KLD| up to 1e-6; the mean must print as 0. Both run as
+# shipped (CPU_REPACK on), so repacked experts are held to CPU_REPACK's results.
 text=$OUT/kld.txt
 for i in $(seq 1 60); do echo "Line $i of a text long enough for two chunks of perplexity; the fox keeps jumping."; done > "$text"
 kld_stats() { sed -n '/^====== Perplexity statistics/,$p' "$1" | grep -v '^numa-moe: '; }  # numa-moe's exit report is not llama.cpp's
@@ -95,8 +126,8 @@ for model in "$M"/many/*.gguf "$M"/archs/qwen3moe-moe.gguf "$M"/archs/deepseek2-
     name=$(basename "$model" .gguf)
     base=$OUT/$name.kld
     ppl=(timeout 300 "$B/llama-perplexity" -m "$model" -f "$text" -c 128 -b 128 -t 2 --kl-divergence-base "$base")
-    if ! ppl_run "$OUT/$name.ppl-base" "Final estimate" "${ppl[@]}" --no-repack ||
-        ! ppl_run "$OUT/$name.ppl-stock" "^Same top p" "${ppl[@]}" --no-repack --kl-divergence; then
+    if ! ppl_run "$OUT/$name.ppl-base" "Final estimate" "${ppl[@]}" ||
+        ! ppl_run "$OUT/$name.ppl-stock" "^Same top p" "${ppl[@]}" --kl-divergence; then
         fail "$name: stock llama-perplexity failed: $(tail -qn2 "$OUT/$name.ppl-base" "$OUT/$name.ppl-stock" 2>/dev/null | tr '\n' ' ')"
         continue
     fi
@@ -122,7 +153,7 @@ done
 model=$M/many/e64u8-q4_K.gguf
 plan=$("$CLI" plan --model "$model" --map rows --topology "package:2 numa:4 core:4 pu:1" --json 2>&1)
 bytes=$(echo "$plan" | sed -n 's/.*"expert_bytes":\([0-9]*\).*/\1/p')
-alloc=$(grep -m1 "NUMA_MOE model buffer size" "$OUT/e64u8-q4_K.two.rows.err" | sed -n 's/.*= *\([0-9.]*\) MiB.*/\1/p')
+alloc=$(grep -m1 "NUMA_MOE\(_REPACK\)\? model buffer size" "$OUT/e64u8-q4_K.two.rows.err" | sed -n 's/.*= *\([0-9.]*\) MiB.*/\1/p')
 if [ -n "$bytes" ] && [ -n "$alloc" ] && awk -v b="$bytes" -v a="$alloc" 'BEGIN { exit !(b / 1048576 - a < 0.01 && a - b / 1048576 < 0.01) }'; then
     pass
 else
