@@ -97,6 +97,53 @@ pub fn stacked_expert(
     }))
 }
 
+/// The CPU features ggml-cpu's CPU_REPACK chooses its layouts by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepackCpu {
+    pub avx2: bool,
+    pub avx512: bool,
+    /// aarch64 dot-product and int8 matrix-multiply extensions.
+    pub dotprod: bool,
+    pub i8mm: bool,
+}
+
+impl RepackCpu {
+    /// This machine's features. ggml-cpu asks its build's features: a portable x86-64-v3
+    /// build has no AVX-512 even on a CPU that has it, so AVX-512 layouts are predicted for
+    /// a native build.
+    pub fn this_machine() -> RepackCpu {
+        #[cfg(target_arch = "x86_64")]
+        return RepackCpu { avx2: is_x86_feature_detected!("avx2"), avx512: is_x86_feature_detected!("avx512f"), ..Default::default() };
+        #[cfg(target_arch = "aarch64")]
+        return RepackCpu {
+            dotprod: std::arch::is_aarch64_feature_detected!("dotprod"),
+            i8mm: std::arch::is_aarch64_feature_detected!("i8mm"),
+            ..Default::default()
+        };
+        #[allow(unreachable_code)]
+        RepackCpu::default()
+    }
+}
+
+/// The rows CPU_REPACK interleaves for a stack of `type_name` with `rows` rows per expert on
+/// `cpu`: ggml's rule at the pin (ggml_repack_get_optimal_repack_type in ggml-cpu/repack.cpp),
+/// for `numa-moe plan`, which cannot ask ggml. `None`: ggml keeps the standard layout. At load,
+/// numa-moe asks ggml itself; this is the prediction.
+pub fn predicted_repack_group(type_name: &str, rows: u64, cpu: RepackCpu) -> Option<u64> {
+    let group = match type_name {
+        "q4_0" if cpu.avx2 => 8,
+        "q4_0" if cpu.i8mm || cpu.dotprod => 4,
+        "q4_K" if cpu.avx2 || cpu.i8mm || cpu.dotprod => 8,
+        "q2_K" if cpu.avx512 => 8,
+        "q5_K" | "q6_K" if cpu.i8mm || cpu.dotprod => 8,
+        "iq4_nl" | "mxfp4" if cpu.avx2 => 8,
+        "iq4_nl" | "mxfp4" if cpu.dotprod => 4,
+        "q8_0" if cpu.i8mm || cpu.dotprod => 4,
+        _ => return None,
+    };
+    (rows % group == 0).then_some(group)
+}
+
 /// Where an extent's pages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Binding {
@@ -711,6 +758,37 @@ pub fn plan_workers(topo: &Topology, n_threads: usize) -> Vec<WorkerSlot> {
 mod tests {
     use super::*;
     use crate::topology::Source;
+
+    #[test]
+    fn repack_prediction_follows_ggmls_x86_rule() {
+        let avx2 = RepackCpu { avx2: true, ..Default::default() };
+        for t in ["q4_0", "q4_K", "iq4_nl", "mxfp4"] {
+            assert_eq!(predicted_repack_group(t, 768, avx2), Some(8), "{t}");
+            assert_eq!(predicted_repack_group(t, 764, avx2), None, "{t}: rows not a multiple of 8");
+            assert_eq!(predicted_repack_group(t, 768, RepackCpu::default()), None, "{t} without AVX2");
+        }
+        for t in ["q8_0", "q6_K", "f16", "bf16", "iq4_xs", "q2_K"] {
+            assert_eq!(predicted_repack_group(t, 768, avx2), None, "{t}");
+        }
+        assert_eq!(predicted_repack_group("q2_K", 768, RepackCpu { avx512: true, ..avx2 }), Some(8));
+    }
+
+    #[test]
+    fn row_groups_are_never_split() {
+        let topo = Topology::uniform(4, 3, 64);
+        for (rows, group) in [(768u64, 8u64), (2048, 8), (136, 8), (96, 4), (512, 16)] {
+            let t = ExpertTensor { row_group: group, ..tensor(8, rows, 144) };
+            let plan = plan_tensor(&topo, &ExpertMap::policy(Policy::Rows), &t, &PlanOptions::default()).unwrap().unwrap();
+            for p in plan.pieces() {
+                assert!(p.rows.start % group == 0 && p.rows.end % group == 0, "{rows} rows in groups of {group}: piece {:?}", p.rows);
+            }
+            let mut starts: Vec<u64> = plan.pieces().iter().filter(|p| p.expert == 0).map(|p| p.rows.start).collect();
+            starts.dedup();
+            assert_eq!(starts.len(), 4, "{rows} rows: every node gets a share");
+        }
+        let odd = ExpertTensor { row_group: 8, ..tensor(8, 100, 144) };
+        assert!(plan_tensor(&topo, &ExpertMap::policy(Policy::Rows), &odd, &PlanOptions::default()).is_err());
+    }
 
     fn tensor(n_expert: u32, rows: u64, row_bytes: u64) -> ExpertTensor {
         ExpertTensor {

@@ -393,3 +393,26 @@ fn check_map_reads_balanced_profiles() {
     assert!(err.contains("p.json was recorded on a model with 4 experts; this one has 8"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn plan_shows_the_layout_each_stack_gets() {
+    // q4_K gate/up (type 12) and q6_K down (type 14): CPU_REPACK takes q4_K on x86 with AVX2
+    let model = qwen3_like(1);
+    let m = model.to_str().unwrap();
+    let (code, out, err) = tool(&["plan", "--model", m, "--map", "rows", "--topology", "package:2 numa:1 core:4 pu:1"]);
+    assert_eq!(code, 0, "{err}");
+    let repacks = numa_moe::placement::predicted_repack_group("q4_K", 768, numa_moe::placement::RepackCpu::this_machine()).is_some();
+    let want = if repacks {
+        "layout: 2 q4_K in CPU_REPACK's layout (8-row groups), 1 q6_K standard"
+    } else {
+        "layout: 2 q4_K standard, 1 q6_K standard"
+    };
+    assert!(out.contains(want), "{out}");
+    if repacks {
+        // split on 8-row groups: 768 rows over 2 nodes, 384 each
+        assert!(out.contains("rows 0-383 of every expert"), "{out}");
+    }
+    let (code, out, err) = tool(&["plan", "--model", m, "--map", "rows", "--no-repack", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("{\"type\":\"q4_K\",\"row_group\":1,\"tensors\":2,\"repacked\":false}"), "{out}");
+}

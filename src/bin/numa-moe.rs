@@ -2,7 +2,7 @@
 //!
 //!   numa-moe topology [--topology SPEC] [--json]
 //!   numa-moe check-map MAP [--experts N] [--topology SPEC]
-//!   numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--json]
+//!   numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--no-repack] [--json]
 //!   numa-moe verify --pid PID [--json]
 //!   numa-moe routing FILE [--map MAP] [--topology SPEC] [--out DIR]
 //!   numa-moe --version
@@ -27,7 +27,7 @@ use numa_moe::topology::{format_gib, render_cpu_list, Topology};
 const USAGE: &str = "usage:
   numa-moe topology [--topology SPEC] [--json]
   numa-moe check-map MAP [--experts N] [--topology SPEC]
-  numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--json]
+  numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--no-repack] [--json]
   numa-moe verify --pid PID [--json]
   numa-moe routing FILE [--map MAP] [--topology SPEC] [--out DIR]
   numa-moe --version
@@ -149,18 +149,40 @@ struct NodeRow {
     cpus: Vec<u32>,
 }
 
+/// (type, row group, tensors) over the planned stacks, in order of first appearance.
+fn layout_summary(experts: &[placement::ExpertTensor]) -> Vec<(String, u64, usize)> {
+    let mut out: Vec<(String, u64, usize)> = Vec::new();
+    for t in experts {
+        match out.iter_mut().find(|(ty, g, _)| *ty == t.type_name && *g == t.row_group) {
+            Some(e) => e.2 += 1,
+            None => out.push((t.type_name.clone(), t.row_group, 1)),
+        }
+    }
+    out
+}
+
 fn cmd_plan(a: &Args) -> Result<(), String> {
-    a.check(&["json"], &["model", "map", "topology", "threads"], 0)?;
+    a.check(&["json", "no-repack"], &["model", "map", "topology", "threads"], 0)?;
     let model = PathBuf::from(a.options.get("model").ok_or("plan needs --model M.gguf")?);
     let topo = a.topology()?;
     let map_text = a.options.get("map").map(String::as_str).unwrap_or("auto");
     // as at load: `balanced` rules read their routing profiles
     let (map, fallback) = numa_moe::config::parse_map(&topo, map_text).map_err(|e| e.to_string())?;
     let gguf = GgufFile::open(&model).map_err(|e| e.to_string())?;
-    let experts = gguf.expert_tensors().map_err(|e| format!("{}: {e}", model.display()))?;
+    let mut experts = gguf.expert_tensors().map_err(|e| format!("{}: {e}", model.display()))?;
     if experts.is_empty() {
         return Err(format!("{} has no stacked expert tensors (not a Mixture-of-Experts model?)", model.display()));
     }
+    // the layout each stack gets: CPU_REPACK's where ggml-cpu would repack it (as llama.cpp
+    // runs by default), the standard one with --no-repack
+    let cpu = placement::RepackCpu::this_machine();
+    let no_repack = a.flags.iter().any(|f| f == "no-repack");
+    if !no_repack {
+        for t in experts.iter_mut() {
+            t.row_group = placement::predicted_repack_group(&t.type_name, t.rows, cpu).unwrap_or(1);
+        }
+    }
+    let layout = layout_summary(&experts);
     let threads: usize = match a.number("threads", 1..=MAX_THREADS)? {
         Some(t) => t,
         None => topo.cpu_count().clamp(1, MAX_THREADS),
@@ -264,11 +286,16 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
             format!(",\"expected_load\":{{\"profile\":{},\"maps\":[{}]}}", json::string(origin), maps.join(","))
         });
         println!(
-            "{{\"model\":{},\"architecture\":{},\"expert_tensors\":{},\"expert_bytes\":{},\"map\":{},\"threads\":{},\"nodes\":[{}],\"warnings\":[{}]{expected_json}}}",
+            "{{\"model\":{},\"architecture\":{},\"expert_tensors\":{},\"expert_bytes\":{},\"layouts\":[{}],\"map\":{},\"threads\":{},\"nodes\":[{}],\"warnings\":[{}]{expected_json}}}",
             json::string(&model.display().to_string()),
             gguf.architecture.as_deref().map_or("null".into(), json::string),
             experts.len(),
             total,
+            layout
+                .iter()
+                .map(|(ty, g, n)| format!("{{\"type\":{},\"row_group\":{g},\"tensors\":{n},\"repacked\":{}}}", json::string(ty), *g > 1))
+                .collect::<Vec<_>>()
+                .join(","),
             json::string(&map.render()),
             threads,
             nodes.join(","),
@@ -285,6 +312,15 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
     );
     print!("machine: {}", topo.render_text().lines().next().unwrap_or(""));
     println!();
+    let layouts: Vec<String> = layout
+        .iter()
+        .map(|(ty, g, n)| match g {
+            1 => format!("{n} {ty} standard"),
+            g => format!("{n} {ty} in CPU_REPACK's layout ({g}-row groups)"),
+        })
+        .collect();
+    let why = if no_repack { "--no-repack" } else { "predicted from ggml-cpu's rule for this CPU; --no-repack: standard" };
+    println!("layout: {} ({why})", layouts.join(", "));
     println!("map: {}   threads: {threads}", map.render());
     println!("{:>5}  {:>10}  {:>7}  {:>10}  {:<16}  share", "node", "placed", "tensors", "budget", "threads");
     for r in &rows {

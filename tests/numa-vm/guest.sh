@@ -34,8 +34,9 @@ passed=$((passed + ${p:-0}))
 failed=$((failed + ${f:-1}))
 [ $rc -eq 0 ] || [ "${f:-1}" -gt 0 ] || fail "harness exited $rc"
 
-# 2. llama.cpp end to end: the same tokens from bit-identical logits as stock, in this guest,
-#    with every expert page on its planned node
+# 2. llama.cpp end to end: the same tokens from bit-identical logits as stock in the same
+#    configuration (as shipped, CPU_REPACK on; and --no-repack), in this guest, with every
+#    expert page on its planned node; q4_K and mxfp4 experts in CPU_REPACK's layout
 n=$(wc -l < /expect.txt)
 case $n in
     2) maps="rows 0-15:0,*:1 mirror" ;;
@@ -44,20 +45,30 @@ case $n in
 esac
 prefix=""
 [ "$NUMA_VM_SCENARIO" = taskset ] && prefix="taskset -c 0,1"
-for model in "$M/many/e32u4-q8_0.gguf" "$M/archs/qwen3moe-moe.gguf"; do
+for model in "$M/many/e32u4-q8_0.gguf" "$M/archs/qwen3moe-moe.gguf" "$M/many/e64u8-q4_K.gguf" "$M/many/e32u4-mxfp4.gguf"; do
     name=$(basename "$model" .gguf)
-    $prefix "$G" "$model" 8 "The quick brown fox" --no-extra-bufts > /tmp/ref 2>/tmp/ref.err || { fail "$name: stock run failed"; continue; }
-    for map in $maps; do
-        case "$name:$map" in qwen3moe-moe:0-*) map="0:0,1:1" ;; esac
-        if ! NUMA_MOE_EXPERT_MAP=$map LD_PRELOAD=$LIB $prefix "$G" "$model" 8 "The quick brown fox" > /tmp/got 2>/tmp/got.err; then
-            fail "$name [$map]: numa-moe run failed: $(grep -m2 -i error /tmp/got.err)"
-        elif ! cmp -s /tmp/ref /tmp/got; then
-            fail "$name [$map]: tokens or logits differ from stock"
-        elif ! grep -q "none off its planned node" /tmp/got.err; then
-            fail "$name [$map]: expert pages not verified on their nodes: $(grep numa-moe /tmp/got.err | tail -2)"
-        else
-            pass "$name [$map]: $(grep -o 'verified [0-9]* resident pages' /tmp/got.err)"
-        fi
+    want_repack=0
+    case $name in *q4_K | *mxfp4) want_repack=1 ;; esac
+    for nr in "" --no-extra-bufts; do
+        # --no-repack once per model: the standard layout where stock keeps it too
+        [ -n "$nr" ] && [ $want_repack = 0 ] && continue
+        $prefix "$G" "$model" 8 "The quick brown fox" $nr > /tmp/ref 2>/tmp/ref.err || { fail "$name: stock run failed"; continue; }
+        for map in $maps; do
+            case "$name:$map" in qwen3moe-moe:0-*) map="0:0,1:1" ;; esac
+            [ -n "$nr" ] && [ "$map" != rows ] && continue
+            what="$name [$map${nr:+, --no-repack}]"
+            if ! NUMA_MOE_EXPERT_MAP=$map LD_PRELOAD=$LIB $prefix "$G" "$model" 8 "The quick brown fox" $nr > /tmp/got 2>/tmp/got.err; then
+                fail "$what: numa-moe run failed: $(grep -m2 -i error /tmp/got.err)"
+            elif ! cmp -s /tmp/ref /tmp/got; then
+                fail "$what: tokens or logits differ from stock"
+            elif ! grep -q "none off its planned node" /tmp/got.err; then
+                fail "$what: expert pages not verified on their nodes: $(grep numa-moe /tmp/got.err | tail -2)"
+            elif [ -z "$nr" ] && [ $want_repack = 1 ] && ! grep -q "repacked for CPU_REPACK's kernels" /tmp/got.err; then
+                fail "$what: experts not in CPU_REPACK's layout: $(grep -m1 'expert tensors' /tmp/got.err)"
+            else
+                pass "$what: $(grep -o 'verified [0-9]* resident pages' /tmp/got.err)"
+            fi
+        done
     done
 done
 
