@@ -6,6 +6,9 @@
 set -uo pipefail
 
 source "$(dirname "$0")/lib.sh"
+# llama.cpp built for this CPU, as in the rest of make bench
+B=$NB
+GEN=$NGEN
 MODEL=${MEM_MODEL:-$M/mem-e128u8-bf16.gguf}
 OUT=$root/build/bench
 mkdir -p "$OUT"

@@ -12,8 +12,10 @@
 #      --numa-expert-map rows, invocations alternated, plus stock --repack 0 (q4_K) and
 #      stock -lm none (bf16: weights in anonymous memory, as numa-moe's copy is)
 #
-# Everything is printed as markdown (and kept in build/bench/). Expects `make lib llama` and
-# build/make-moe-model (make bench builds them). Knobs (environment):
+# Stock and numa-moe are the same build of llama.cpp for this CPU (build/llama-native: GGML_NATIVE=ON,
+# as a user builds it), and the op benchmarks link its ggml. Everything is printed as markdown (and
+# kept in build/bench/). Expects `make lib llama`, build/native/make-moe-model, build/mmid_bench and
+# build/routing_bench (make bench builds them). Knobs (environment):
 #   BENCH_THREADS  threads for every run (default 2)
 #   BENCH_ROUNDS   alternations of the llama-bench invocations (default 4)
 #   BENCH_REPS     llama-bench -r (default 3)
@@ -24,6 +26,8 @@
 set -uo pipefail
 
 source "$(dirname "$0")/lib.sh"
+B=$NB
+GEN=$NGEN
 OUT=$root/build/bench
 MODELS=$M
 GGML_INC=$root/third_party/llama.cpp/ggml/include
@@ -44,7 +48,7 @@ start=$SECONDS
 
 for f in "$LIB" "$B/llama-bench" "$B/libggml-cpu.so" "$GEN" "$root/build/mmid_bench" "$root/build/routing_bench"; do
     if [ ! -e "$f" ]; then
-        echo "bench: $f is missing: run make bench (it builds them: lib, llama, build/make-moe-model, build/mmid_bench)" >&2
+        echo "bench: $f is missing: run make bench (it builds them: lib, the native llama.cpp, build/native/make-moe-model, build/mmid_bench, build/routing_bench)" >&2
         exit 2
     fi
 done
@@ -93,6 +97,13 @@ echo "| caches | L2 $(lscpu_field 'L2 cache'), L3 $(lscpu_field 'L3 cache') |"
 echo "| memory | $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo) |"
 echo "| hypervisor | $(lscpu_field 'Hypervisor vendor' || true) |"
 echo "| SIMD | $(grep -o -w -E 'avx2|avx512f|avx512_bf16|avx512_vnni|avx_vnni|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ') |"
+llama_build() {
+    local cache=$B/../CMakeCache.txt native
+    native=$(sed -n 's/^GGML_NATIVE:BOOL=//p' "$cache" 2>/dev/null)
+    echo "$(realpath -m --relative-to="$root" "$B/.." 2>/dev/null || echo "$B"), GGML_NATIVE=${native:-unknown}$(
+        grep -o -m1 -- '-m\(arch\|cpu\)=[a-z0-9_.-]*' "$B/../native-cpu.txt" 2>/dev/null | sed 's/^/: /')"
+}
+echo "| llama.cpp build | $(llama_build) |"
 echo "| kernel, THP | $(uname -r), THP $(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null) |"
 echo
 echo '```'

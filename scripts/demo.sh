@@ -5,9 +5,12 @@
 set -uo pipefail
 
 source "$(dirname "$0")/lib.sh"
+# llama.cpp built for this CPU, as a user builds it (make demo builds it)
+B=$NB
+GEN=$NGEN
 MODEL=$M/demo-e64u8-f16.gguf
 OUT=$root/build/demo
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$M"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 

@@ -6,7 +6,10 @@
 # Sets the repository's paths from this file's own location (so a clean clone works from any
 # directory) and changes into the repository root. Paths can be overridden from the
 # environment with the Makefile's names (make passes command-line variables on):
-#   LLAMA_BIN  the patched llama.cpp's binaries and libraries  (build/llama/bin)
+#   LLAMA_BIN  the patched llama.cpp's binaries and libraries, the portable build the tests
+#              run (x86-64-v3, also in the QEMU guests)         (build/llama/bin)
+#   NATIVE_BIN the same built for this CPU (-march=native), which demo and bench run
+#                                                               (build/llama-native/bin)
 #   LIB        libnuma_moe.so                                   (target/release/libnuma_moe.so)
 #   CLI        the numa-moe tool                                (target/release/numa-moe)
 #   MODELS     the test models of scripts/models.sh             (build/models)
@@ -14,10 +17,12 @@
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root" || exit 2
 B=${LLAMA_BIN:-$root/build/llama/bin}
+NB=${NATIVE_BIN:-$root/build/llama-native/bin}
 LIB=${LIB:-$root/target/release/libnuma_moe.so}
 CLI=${CLI:-$root/target/release/numa-moe}
 M=${MODELS:-$root/build/models}
-GEN=$root/build/make-moe-model
+GEN=$root/build/make-moe-model          # linked against $B
+NGEN=$root/build/native/make-moe-model  # linked against $NB
 GREEDY=$root/build/greedy
 
 # described machines (hwloc synthetic): numa-moe plans for them on any host, without binding

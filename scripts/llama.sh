@@ -2,12 +2,19 @@
 # Fetches the pinned llama.cpp, applies patches/*.patch, and builds the targets numa-moe uses.
 #
 #   scripts/llama.sh source   extract (or copy LLAMA_CPP_DIR) and patch into third_party/llama.cpp
-#   scripts/llama.sh build    configure and build into build/llama (runs `source` first if needed)
+#   scripts/llama.sh build    the portable build (x86-64-v3: AVX2, no AVX-512) into build/llama: every
+#                             target the tests use; it also runs in the QEMU NUMA guests
+#   scripts/llama.sh native [TARGET...]
+#                             the build for this CPU (GGML_NATIVE=ON: -march=native) into
+#                             build/llama-native: what a user runs, and what make demo and make bench
+#                             run (default: the user's tools; `ggml` for ggml's libraries alone)
 #   scripts/llama.sh linked   llama-completion built with GGML_NUMA_MOE_LINK (libnuma_moe.so linked
 #                             into ggml-cpu instead of found at run time) into build/llama-linked
 #
-# The tree is rebuilt only when the pin, the patches or the source directory change: a stamp
-# holding their hash sits beside the patched tree. Upstream files never leave these ignored folders.
+# Every build runs `source` first, which does nothing unless the pin, the patches or the source
+# directory changed (a stamp holding their hash sits beside the patched tree); a build tree is
+# configured again when the patched tree is newer than its cache. The trees share one patched
+# source tree and ccache. Upstream files never leave these ignored folders.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,10 +27,14 @@ SDIST=llama_cpp_python-$PIN_VERSION.tar.gz
 CACHE=${NUMA_MOE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/numa-moe}
 SRC=$root/third_party/llama.cpp
 BUILD=$root/build/llama
+NATIVE=$root/build/llama-native
 JOBS=${JOBS:-$(nproc)}
 
+# the portable build: everything the tests run
 TARGETS=(llama-cli llama-completion llama-bench llama-perplexity llama-quantize llama-server
          test-backend-ops test-llama-archs)
+# the native build, unless told fewer: the tools a user runs
+NATIVE_TARGETS=(llama-cli llama-completion llama-bench llama-perplexity llama-quantize llama-server)
 
 log() { echo "llama.sh: $*" >&2; }
 
@@ -111,26 +122,67 @@ cmd_linked() {
     fi
 }
 
-cmd_build() {
-    cmd_source
-    if [ ! -f "$BUILD/CMakeCache.txt" ] || [ "$SRC/.numa-moe-stamp" -nt "$BUILD/CMakeCache.txt" ]; then
-        cmake -S "$SRC" -B "$BUILD" "${common_flags[@]}" -DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON "${cpu_flags[@]}" >/dev/null
+# build_tree DIR WHAT TARGET...: configures DIR with common_flags and tree_flags when it has no cache
+# or the patched tree is newer than its cache, then builds TARGETs (a tool, or a library such as
+# ggml) into DIR/bin
+build_tree() {
+    local dir=$1 what=$2
+    shift 2
+    if [ ! -f "$dir/CMakeCache.txt" ] || [ "$SRC/.numa-moe-stamp" -nt "$dir/CMakeCache.txt" ]; then
+        cmake -S "$SRC" -B "$dir" "${common_flags[@]}" "${tree_flags[@]}" >/dev/null
     fi
-    local log=$BUILD/build.log
-    if ! cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]}" > "$log" 2>&1; then
+    local log=$dir/build.log
+    if ! cmake --build "$dir" -j "$JOBS" --target "$@" > "$log" 2>&1; then
         grep -E "error|Error" "$log" | head -40 >&2
-        log "ERROR: building llama.cpp failed (full log: $log)"
+        log "ERROR: building llama.cpp ($what) failed (full log: $log)"
         exit 1
     fi
-    for t in "${TARGETS[@]}"; do
-        [ -x "$BUILD/bin/$t" ] || { log "ERROR: target $t was not built"; exit 1; }
+    for t in "$@"; do
+        [ -x "$dir/bin/$t" ] || [ -f "$dir/bin/lib$t.so" ] || { log "ERROR: target $t was not built"; exit 1; }
     done
-    log "built ${TARGETS[*]} in $BUILD/bin"
+    log "built $* ($what) in $dir/bin"
+}
+
+cmd_build() {
+    cmd_source
+    tree_flags=(-DLLAMA_BUILD_TESTS=ON -DLLAMA_BUILD_TOOLS=ON "${cpu_flags[@]}")
+    build_tree "$BUILD" portable "${TARGETS[@]}"
+}
+
+# what -march=native (-mcpu=native elsewhere) means to the compiler on this CPU: its expansion into
+# explicit flags
+native_cpu() {
+    local cc=${CC:-cc}
+    { "$cc" -march=native -### -E - < /dev/null 2>&1 || "$cc" -mcpu=native -### -E - < /dev/null 2>&1; } | grep cc1
+}
+
+cmd_native() {
+    cmd_source
+    local targets=("$@")
+    ((${#targets[@]})) || targets=("${NATIVE_TARGETS[@]}")
+    # A tree built for another CPU (a shared home, a copied checkout) could stop with SIGILL here:
+    # it is built again. ccache hashes -march=native as text, so every compilation with it also
+    # hashes this expansion (scripts/ccache-native.sh); the others are shared with the portable tree.
+    local cpu
+    cpu=$(native_cpu) || { log "ERROR: cannot ask ${CC:-cc} what -march=native means on this CPU"; exit 1; }
+    if [ -f "$NATIVE/native-cpu.txt" ] && [ "$(cat "$NATIVE/native-cpu.txt")" != "$cpu" ]; then
+        log "$NATIVE was built for another CPU: building it again for this one"
+        rm -rf "$NATIVE"
+    fi
+    mkdir -p "$NATIVE"
+    [ -f "$NATIVE/native-cpu.txt" ] || echo "$cpu" > "$NATIVE/native-cpu.txt"
+    tree_flags=(-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=ON -DGGML_NATIVE=ON)
+    if command -v ccache > /dev/null; then
+        local launcher="$root/scripts/ccache-native.sh;$NATIVE/native-cpu.txt"
+        tree_flags+=(-DCMAKE_C_COMPILER_LAUNCHER="$launcher" -DCMAKE_CXX_COMPILER_LAUNCHER="$launcher")
+    fi
+    build_tree "$NATIVE" native "${targets[@]}"
 }
 
 case "${1:-build}" in
     source) cmd_source ;;
     build)  cmd_build ;;
+    native) shift; cmd_native "$@" ;;
     linked) cmd_linked ;;
-    *) echo "usage: $0 source|build|linked" >&2; exit 2 ;;
+    *) echo "usage: $0 source|build|native [TARGET...]|linked" >&2; exit 2 ;;
 esac
