@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory cost of numa-moe: resident memory of llama-server after loading a MoE model, stock vs
-# numa-moe, with and without mmap, and for mirror. Steady RSS is read from /proc/PID/status
+# numa-moe, with and without mmap, and for mirror, for bf16 experts and for q4_K experts (repacked). Steady RSS is read from /proc/PID/status
 # once the server listens (VmRSS = RssAnon + RssFile); peak RSS is /usr/bin/time's maximum
 # resident set size for the same run. Prints a markdown table with the ratio to stock.
 set -uo pipefail
@@ -9,16 +9,19 @@ source "$(dirname "$0")/lib.sh"
 # llama.cpp built for this CPU, as in the rest of make bench
 B=$NB
 GEN=$NGEN
-MODEL=${MEM_MODEL:-$M/mem-e128u8-bf16.gguf}
+MODELS_MEM=${MEM_MODEL:-"$M/mem-e128u8-bf16.gguf $M/mem-e128u8-q4_K.gguf"}
 OUT=$root/build/bench
 mkdir -p "$OUT"
 
-if [ ! -f "$MODEL" ]; then
-    # Qwen3-30B-A3B expert shapes, 2 layers, bf16 experts (not repacked by ggml, so stock and
-    # numa-moe both keep exactly one copy of each expert byte when it works)
-    "$GEN" --out "$MODEL" "${QWEN3_A3B_SHAPE[@]}" --layers 2 --type bf16 > /dev/null
-fi
-model_mib=$(( $(stat -c %s "$MODEL") >> 20 ))
+# Qwen3-30B-A3B expert shapes, 2 layers: bf16 experts (not repacked by ggml, so stock and
+# numa-moe both keep exactly one copy of each expert byte when it works) and q4_K experts
+# (stock repacks them into CPU_REPACK's buffer, numa-moe into its own repacked buffer type)
+for MODEL in $MODELS_MEM; do
+    if [ ! -f "$MODEL" ]; then
+        ty=$(basename "$MODEL" .gguf)
+        "$GEN" --out "$MODEL" "${QWEN3_A3B_SHAPE[@]}" --layers 2 --type "${ty##*-}" > /dev/null
+    fi
+done
 
 # measure LABEL TOPOLOGY stock|numa [llama-server args...]
 measure() {
@@ -47,22 +50,33 @@ measure() {
     echo "$label|$rss|$anon|$file|$peak"
 }
 
-echo "### Memory: llama-server after loading $(basename "$MODEL") (${model_mib} MiB), 2 threads"
-echo
-echo "| run | steady RSS MiB | anon | file | peak RSS MiB | steady vs stock | peak vs stock |"
-echo "|---|---|---|---|---|---|---|"
-for load in mmap none; do
-    flags=()
-    [ $load = none ] && flags=(--load-mode none)
-    base=$(measure "stock-$load" host stock "${flags[@]}")
-    IFS='|' read -r _ brss _ _ bpeak <<< "$base"
-    rows=("$base"
-          "$(measure "rows-$load" host numa "${flags[@]}" --numa-expert-map rows)"
-          "$(measure "rows2-$load" "$TWO" numa "${flags[@]}" --numa-expert-map rows)"
-          "$(measure "mirror2-$load" "$TWO" numa "${flags[@]}" --numa-expert-map mirror)")
-    names=("stock ($load)" "numa-moe rows, 1 node ($load)" "numa-moe rows, described 2 nodes ($load)" "numa-moe mirror, described 2 nodes ($load)")
-    for i in "${!rows[@]}"; do
-        IFS='|' read -r _ rss anon file peak <<< "${rows[$i]}"
-        echo "| ${names[$i]} | $rss | $anon | $file | $peak | $(awk -v a="$rss" -v b="$brss" 'BEGIN{printf "%.3f", a/b}') | $(awk -v a="$peak" -v b="$bpeak" 'BEGIN{printf "%.3f", a/b}') |"
+for MODEL in $MODELS_MEM; do
+    model_mib=$(( $(stat -c %s "$MODEL") >> 20 ))
+    tag=$(basename "$MODEL" .gguf)
+    echo "### Memory: llama-server after loading $(basename "$MODEL") (${model_mib} MiB), 2 threads"
+    echo
+    echo "| run | steady RSS MiB | anon | file | peak RSS MiB | steady vs stock | peak vs stock |"
+    echo "|---|---|---|---|---|---|---|"
+    for load in mmap none; do
+        flags=()
+        [ $load = none ] && flags=(--load-mode none)
+        base=$(measure "$tag-stock-$load" host stock "${flags[@]}")
+        IFS='|' read -r _ brss _ _ bpeak <<< "$base"
+        rows=("$base"
+              "$(measure "$tag-rows-$load" host numa "${flags[@]}" --numa-expert-map rows)"
+              "$(measure "$tag-rows2-$load" "$TWO" numa "${flags[@]}" --numa-expert-map rows)"
+              "$(measure "$tag-mirror2-$load" "$TWO" numa "${flags[@]}" --numa-expert-map mirror)")
+        names=("stock ($load)" "numa-moe rows, 1 node ($load)" "numa-moe rows, described 2 nodes ($load)" "numa-moe mirror, described 2 nodes ($load)")
+        for i in "${!rows[@]}"; do
+            IFS='|' read -r _ rss anon file peak <<< "${rows[$i]}"
+            echo "| ${names[$i]} | $rss | $anon | $file | $peak | $(awk -v a="$rss" -v b="$brss" 'BEGIN{printf "%.3f", a/b}') | $(awk -v a="$peak" -v b="$bpeak" 'BEGIN{printf "%.3f", a/b}') |"
+        done
     done
+    echo
+    echo "Where the experts went (numa-moe rows, 1 node, mmap):"
+    echo
+    echo '```'
+    grep -E "numa-moe: [0-9]+ expert tensors|model buffer size" "$OUT/mem-$tag-rows-mmap.log" | sed 's/^[0-9.]* [A-Z] //' | sort -u | head -6
+    echo '```'
+    echo
 done

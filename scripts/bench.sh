@@ -7,10 +7,12 @@
 #      second stock copy as an A/A control); then the qwen3 decode op with one thread
 #   3. the same op benchmark with numa-moe planning for a described 2-node machine
 #      (NUMA_MOE_TOPOLOGY) on this host: the cost of a 2-way split, not a NUMA speedup
-#   4. end to end: llama-bench pp and tg on Qwen3-30B-A3B-shaped random models (q4_K, and
-#      bf16 experts, which CPU_REPACK does not take), stock vs LD_PRELOAD=libnuma_moe.so
-#      --numa-expert-map rows, invocations alternated, plus stock --repack 0 (q4_K) and
-#      stock -lm none (bf16: weights in anonymous memory, as numa-moe's copy is)
+#   4. end to end: llama-bench pp and tg on Qwen3-30B-A3B-shaped random models (q4_K and mxfp4
+#      experts, which CPU_REPACK repacks, and bf16 experts, which it does not take), stock vs
+#      LD_PRELOAD=libnuma_moe.so --numa-expert-map rows (one node, and a described 2-node plan),
+#      invocations alternated, with a second stock run as the A/A control, plus stock
+#      --repack 0 (q4_K) and stock -lm none (bf16: weights in anonymous memory, as numa-moe's
+#      copy is)
 #
 # Stock and numa-moe are the same build of llama.cpp for this CPU (build/llama-native: GGML_NATIVE=ON,
 # as a user builds it), and the op benchmarks link its ggml. Everything is printed as markdown (and
@@ -193,7 +195,9 @@ run_llama_bench() {
             stock) { time "$B/llama-bench" "${args[@]}" > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
             stock-repack0) { time "$B/llama-bench" "${args[@]}" --repack 0 > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
             stock-nommap) { time "$B/llama-bench" "${args[@]}" -lm none > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
+            stock-aa) { time "$B/llama-bench" "${args[@]}" > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
             numa-moe) { time LD_PRELOAD=$LIB "$B/llama-bench" "${args[@]}" --numa-expert-map rows > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
+            numa-moe-2n) { time LD_PRELOAD=$LIB NUMA_MOE_TOPOLOGY="$TWO" "$B/llama-bench" "${args[@]}" --numa-expert-map rows > "$f.json" 2> "$f.err"; } 2> "$f.cpu" ;;
         esac
         rc=$?
         t1=$(date +%s.%N)
@@ -256,22 +260,22 @@ def cell(cfg, test):
     m = statistics.median(v)
     sd = statistics.pstdev(v) / statistics.mean(v) * 100 if len(v) > 1 else 0
     return f"{m:.2f} ±{sd:.1f}%"
-head = ["model", "test"] + [f"{c} t/s" for c in cfgs] + ["numa-moe/stock t/s", "per round"]
+others_cfgs = [c for c in cfgs if c != "stock"]
+head = ["model", "test"] + [f"{c} t/s" for c in cfgs] + [f"{c}/stock t/s" for c in others_cfgs] + ["numa-moe/stock per round"]
 print("| " + " | ".join(head) + " |")
-print("|" + "---|" * 2 + "---:|" * (len(cfgs) + 1) + "---|")
+print("|" + "---|" * 2 + "---:|" * (len(cfgs) + len(others_cfgs)) + "---|")
 for test in tests:
     row = [model, test] + [cell(c, test) for c in cfgs]
-    s, n = samples.get(("stock", test)), samples.get(("numa-moe", test))
-    if s and n:
-        row.append(f"{statistics.median(n) / statistics.median(s):.3f}")
-        rr = []
-        for r in range(1, rounds + 1):
-            a, b = per_round.get(("stock", test, r)), per_round.get(("numa-moe", test, r))
-            if a and b:
-                rr.append(f"{b / a:.3f}")
-        row.append(" ".join(rr))
-    else:
-        row += ["-", "-"]
+    s = samples.get(("stock", test))
+    for c in others_cfgs:
+        v = samples.get((c, test))
+        row.append(f"{statistics.median(v) / statistics.median(s):.3f}" if s and v else "-")
+    rr = []
+    for r in range(1, rounds + 1):
+        a, b = per_round.get(("stock", test, r)), per_round.get(("numa-moe", test, r))
+        if a and b:
+            rr.append(f"{b / a:.3f}")
+    row.append(" ".join(rr) or "-")
     print("| " + " | ".join(row) + " |")
 print()
 nsamp = len(next(iter(samples.values()))) if samples else 0
@@ -296,11 +300,14 @@ if ! skip e2e; then
     echo "## End to end: llama-bench (pp$PP, tg$TG, $T threads)"
     echo
     echo "Random-weight models with Qwen3-30B-A3B's expert shapes (128 experts, 8 used, embd 2048, expert ff 768,"
-    echo "vocab 1024) from build/make-moe-model. stock: llama-bench; numa-moe: LD_PRELOAD=libnuma_moe.so and"
-    echo "--numa-expert-map rows; stock-repack0: llama-bench --repack 0 (no extra buffer types: neither CPU_REPACK nor"
-    echo "numa-moe); stock-nommap: llama-bench -lm none (weights read into anonymous memory, as numa-moe copies the"
-    echo "experts into its own buffer, instead of used from the mapped file). Invocations alternate (the first"
-    echo "configuration rotates every round)."
+    echo "vocab 1024) from build/make-moe-model. stock: llama-bench as shipped (CPU_REPACK on); stock-aa: the same"
+    echo "again, the A/A control; numa-moe: LD_PRELOAD=libnuma_moe.so and --numa-expert-map rows on this machine's"
+    echo "one node (an explicit map: numa-moe places the experts, in CPU_REPACK's layout where stock repacks them);"
+    echo "numa-moe-2n: the same planned for a described 2-node machine (NUMA_MOE_TOPOLOGY=\"$TWO\"; rows split"
+    echo "between two halves of this machine's threads, memory not bound: the cost of the split, not a NUMA gain);"
+    echo "stock-repack0: llama-bench --repack 0 (no extra buffer types); stock-nommap: llama-bench -lm none (weights"
+    echo "read into anonymous memory, as numa-moe copies the experts into its own buffer). Invocations alternate"
+    echo "(the first configuration rotates every round)."
     echo
     # qwen3_like PATH TYPE LAYERS: Qwen3-30B-A3B's expert shapes, written once
     qwen3_like() {
@@ -309,9 +316,14 @@ if ! skip e2e; then
     }
     Q4K=$MODELS/qwen3moe-a3b-4l-q4_K.gguf
     qwen3_like "$Q4K" q4_K 4
-    echo "### q4_K experts, 4 layers (CPU_REPACK takes q4_K: on one node numa-moe leaves it there by design)"
+    echo "### q4_K experts, 4 layers (CPU_REPACK takes q4_K: numa-moe holds them in its layout)"
     echo
-    e2e_model q4_K "$Q4K" stock numa-moe stock-repack0
+    e2e_model q4_K "$Q4K" stock stock-aa numa-moe numa-moe-2n stock-repack0
+    MXFP4=$MODELS/qwen3moe-a3b-4l-mxfp4.gguf
+    qwen3_like "$MXFP4" mxfp4 4
+    echo "### mxfp4 experts, 4 layers (CPU_REPACK takes mxfp4: numa-moe holds them in its layout)"
+    echo
+    e2e_model mxfp4 "$MXFP4" stock stock-aa numa-moe numa-moe-2n
     if [ "$QUICK" != 1 ]; then
         BF16=$MODELS/qwen3moe-a3b-2l-bf16.gguf
         qwen3_like "$BF16" bf16 2

@@ -4,7 +4,7 @@
 #   scripts/test.sh all | rust | c | e2e | numa
 #
 # `all` runs every suite even when one fails, then prints a summary of the suites and exits
-# non-zero if any failed. Expects `make llama lib harness models` to have run (make test does).
+# non-zero if any failed. Expects `make llama-portable lib harness models` to have run (make test does).
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)

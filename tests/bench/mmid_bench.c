@@ -1,18 +1,23 @@
 // mmid_bench: op-level MUL_MAT_ID benchmark, stock ggml-cpu vs numa-moe, same threads, one run.
 //
 // For every (shape, type, mode) the same expert weights are put in
-//   stock     ggml_backend_cpu_buffer_type()      ggml-cpu's own kernel
-//   numa-moe  numa-moe's buffer type (map "rows")  numa-moe's node-bound hook
-//   repack    ggml's CPU_REPACK buffer type        where it takes the type (repacked kernels)
-//   stock 2   a second ggml CPU buffer             the A/A control: same kernel, other copy
-// and one MUL_MAT_ID node (gate/up layout: activations [K, 1, tokens]) is computed on one
+//   stock              ggml_backend_cpu_buffer_type()   ggml-cpu's own kernel
+//   numa-moe           NUMA_MOE (map "rows")            numa-moe's hook, ggml's standard layout
+//   repack             CPU_REPACK                       ggml's repacked kernels (as llama.cpp ships)
+//   numa-moe repacked  NUMA_MOE_REPACK (map "rows")     numa-moe's hook, CPU_REPACK's layout and gemv
+//   repack 2           a second CPU_REPACK buffer       the A/A control of numa-moe repacked vs repack
+//   stock 2            a second ggml CPU buffer         the A/A control of numa-moe vs stock
+// (the three repacked variants where CPU_REPACK takes the type; by default the A/A control is
+// the copy of the row's baseline: repack 2 where CPU_REPACK takes the type, else stock 2) and
+// one MUL_MAT_ID node (gate/up layout: activations [K, 1, tokens]) is computed on one
 // ggml threadpool. Routing changes every op (a pre-generated random sequence that every
 // variant walks through in full, shifted so consecutive ops use different experts), and the
 // last-level cache is flushed before every op, so the weights come from memory as they do
 // in a real model. Variants are interleaved (A B C, B C A, ... after a warm-up) and the
 // median time per op is reported, with effective bandwidth = bytes of the routed experts'
-// weights / time. Once per case numa-moe's output is compared bitwise with stock's, and
-// numa_moe_stats_get must show that the hook computed every numa-moe op.
+// weights / time. Once per case numa-moe's output is compared bitwise with stock's, numa-moe
+// repacked's with CPU_REPACK's, and numa_moe_stats_get must show that the hook computed every
+// op of both numa-moe variants.
 //
 // Build (scripts/bench.sh does this): the flags of the C harness (Makefile, build/c/harness)
 // plus -pthread. Run `mmid_bench --help`. Prints a markdown table on stdout; progress and
@@ -54,11 +59,19 @@ static const struct shape k_shapes[] = {
     { "gpt-oss-120b", 128, 4, 2880, 2880 },
 };
 
-static const enum ggml_type k_types[] = { GGML_TYPE_Q4_K, GGML_TYPE_Q8_0, GGML_TYPE_BF16, GGML_TYPE_MXFP4 };
+// the four CPU_REPACK takes on x86 with AVX2 (q4_0, q4_K, iq4_nl, mxfp4), and two it does not
+static const enum ggml_type k_types[] = { GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_IQ4_NL, GGML_TYPE_MXFP4, GGML_TYPE_Q8_0, GGML_TYPE_BF16 };
 
-// V_STOCK2: a second copy of the stock weights, timed like the others: the A/A control
+// V_NREPACK: numa-moe's repacked buffer type (NUMA_MOE_REPACK). V_REPACK2 and V_STOCK2: second
+// copies of the CPU_REPACK and the stock weights, timed like the others: the A/A controls
 // (what two copies of the same thing differ by on this machine in this run)
-enum variant { V_STOCK, V_NUMA, V_REPACK, V_STOCK2, V_COUNT };
+enum variant { V_STOCK, V_NUMA, V_REPACK, V_NREPACK, V_REPACK2, V_STOCK2, V_COUNT };
+
+static const char * const k_variant_names[V_COUNT] = { "stock", "numa-moe", "stock+repack", "numa-moe repacked", "repack copy 2",
+                                                       "stock copy 2" };
+
+// A/A controls (--control): the copy of the row's baseline, both copies, or none
+enum control { C_AUTO, C_BOTH, C_NONE };
 
 
 // ---------------------------------------------------------------------------------------
@@ -68,8 +81,8 @@ static struct {
     int          threads;
     int          iters;           // rounds; 0: per-mode default
     int          warmup;          // -1: per-mode default
-    const char * shape;           // NULL: all
-    const char * type;            // NULL: all
+    const char * shape;           // NULL: all; else a comma-separated list
+    const char * type;            // NULL: all; else a comma-separated list
     const char * mode;            // NULL: both
     int          quick;
     int          prefill_tokens;
@@ -81,17 +94,18 @@ static struct {
     uint64_t     seed;
     int          retries;         // reruns of a case's timed rounds when others were busy
     double       max_others;      // share of the CPUs others may use while timing (0..1)
-    int          control;         // time a second stock copy (A/A control)
-} g_opt = { 2, 0, -1, NULL, NULL, NULL, 0, 128, 12.0, 2.0, 1, 0, "rows", 42, 2, 0.10, 1 };
+    enum control control;         // which A/A controls to time
+} g_opt = { 2, 0, -1, NULL, NULL, NULL, 0, 128, 12.0, 2.0, 1, 0, "rows", 42, 2, 0.10, C_AUTO };
 
 static void usage(FILE * f) {
     fprintf(f,
             "usage: mmid_bench [options]\n"
             "  --threads N         ggml threads for every variant (default 2)\n"
-            "  --iters N           timed rounds per case (default: decode 100, prefill 8)\n"
+            "  --iters N           timed rounds per case (default: decode 100, prefill 8; at least\n"
+            "                      twice the number of variants timed)\n"
             "  --warmup N          untimed rounds first (default: decode 5, prefill 1)\n"
-            "  --shape NAME        qwen3-30b-a3b | deepseek-v3 | gpt-oss-120b (default: all)\n"
-            "  --type T            q4_K | q8_0 | bf16 | mxfp4 (default: all)\n"
+            "  --shape NAME[,...]  qwen3-30b-a3b | deepseek-v3 | gpt-oss-120b (default: all)\n"
+            "  --type T[,...]      q4_0 | q4_K | iq4_nl | mxfp4 | q8_0 | bf16 (default: all)\n"
             "  --mode M            decode | prefill (default: both)\n"
             "  --prefill-tokens N  tokens of a prefill op (default 128)\n"
             "  --quick             short smoke run: qwen3 shape, 32-token prefill, few rounds\n"
@@ -99,7 +113,11 @@ static void usage(FILE * f) {
             "                      a shape that does not fit gets fewer experts (printed)\n"
             "  --bw-gib X          streaming-read buffer (default 2; 0 skips the measurement)\n"
             "  --no-flush          do not flush the last-level cache before every op\n"
-            "  --no-control        do not time a second copy of the stock weights (the A/A control)\n"
+            "  --control C         A/A controls, second copies timed like the others: auto (default:\n"
+            "                      a second CPU_REPACK copy where CPU_REPACK takes the type, else a\n"
+            "                      second stock copy), both (both where CPU_REPACK takes the type),\n"
+            "                      none\n"
+            "  --no-control        the same as --control none\n"
             "  --stock-thp         ask transparent huge pages for the stock and repack weights\n"
             "                      (numa-moe's buffer asks for them only with NUMA_MOE_THP=1)\n"
             "  --map MAP           numa-moe expert map (default rows)\n"
@@ -160,7 +178,19 @@ static int parse_args(int argc, char ** argv) {
         } else if (!strcmp(a, "--no-flush")) {
             g_opt.flush = 0;
         } else if (!strcmp(a, "--no-control")) {
-            g_opt.control = 0;
+            g_opt.control = C_NONE;
+        } else if (!strcmp(a, "--control")) {
+            NEED_ARG();
+            if (!strcmp(next, "auto")) {
+                g_opt.control = C_AUTO;
+            } else if (!strcmp(next, "both")) {
+                g_opt.control = C_BOTH;
+            } else if (!strcmp(next, "none")) {
+                g_opt.control = C_NONE;
+            } else {
+                fprintf(stderr, "mmid_bench: --control is auto, both or none\n");
+                return 0;
+            }
         } else if (!strcmp(a, "--stock-thp")) {
             g_opt.stock_thp = 1;
         } else if (!strcmp(a, "--map")) {
@@ -475,18 +505,13 @@ static void fill_weights(struct ggml_tensor * w, uint8_t * dst, uint64_t seed) {
 // ---------------------------------------------------------------------------------------
 // buffer types
 
-static ggml_backend_buffer_type_t g_numa_buft, g_repack_buft;
+// numa-moe's standard and repacked types, and CPU_REPACK, found by name in ggml-cpu's list
+static ggml_backend_buffer_type_t g_numa_buft, g_nrepack_buft, g_repack_buft;
 
 static void find_bufts(void) {
-    ggml_backend_buffer_type_t * list = cpu_extra_bufts();
-    for (int i = 0; list && list[i]; i++) {
-        const char * name = ggml_backend_buft_name(list[i]);
-        if (!strcmp(name, "NUMA_MOE")) {
-            g_numa_buft = list[i];
-        } else if (!strcmp(name, "CPU_REPACK")) {
-            g_repack_buft = list[i];
-        }
-    }
+    g_numa_buft    = cpu_extra_buft("NUMA_MOE");
+    g_nrepack_buft = cpu_extra_buft("NUMA_MOE_REPACK");
+    g_repack_buft  = cpu_extra_buft("CPU_REPACK");
 }
 
 // Whether CPU_REPACK takes a MUL_MAT_ID over expert weights of this type and row count,
@@ -613,41 +638,73 @@ static struct result g_res[MAX_RESULTS];
 static int           g_nres;
 static int           g_failures;
 
+// Columns: the old comparison (numa-moe in ggml's standard layout against stock, with its A/A
+// control), then the one that matters where CPU_REPACK takes the type (numa-moe repacked
+// against stock+repack as llama.cpp ships, with its A/A control).
+#define N_COLS 16
+
 static void print_header(void) {
-    printf("| shape | type | mode | experts | stock ms | numa-moe ms | numa/stock time | speed stock/numa | stock GB/s | "
-           "numa-moe GB/s | stock+repack ms | repack GB/s | speed stock/repack | A/A: stock copy 2 / stock time | noise | others | check |\n");
-    printf("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+    printf("| shape | type | mode | experts | stock ms | numa-moe ms | numa-moe / stock time | A/A: stock copy 2 / stock | "
+           "stock+repack ms | numa-moe repacked ms | **numa-moe repacked / stock+repack time** | A/A: repack copy 2 / stock+repack | "
+           "GB/s stock / repack | noise | others | check |\n");
+    printf("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+}
+
+static void print_cells(char cells[N_COLS][160]) {
+    for (int c = 0; c < N_COLS; c++) {
+        printf("| %s ", cells[c]);
+    }
+    printf("|\n");
 }
 
 static void print_row(const struct result * r) {
-    const char * tn = ggml_type_name(r->type);
-    char         mode[32];
-    snprintf(mode, sizeof mode, "%s (%" PRId64 " tok)", r->mode, r->n_tokens);
+    char cells[N_COLS][160];
+    memset(cells, 0, sizeof cells);
+    snprintf(cells[0], sizeof cells[0], "%s", r->s->name);
+    snprintf(cells[1], sizeof cells[1], "%s", ggml_type_name(r->type));
     if (r->na) {
-        printf("| %s | %s | %s | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | | | %s |\n", r->s->name, tn, r->mode,
-               r->check);
-        return;
-    }
-    if (r->skipped) {
-        printf("| %s | %s | %s | - | - | - | - | - | - | - | - | - | - | - | | | %s |\n", r->s->name, tn, mode, r->check);
-        return;
-    }
-    char experts[48];
-    if (r->n_expert != r->s->n_expert) {
-        snprintf(experts, sizeof experts, "%" PRId64 " of %" PRId64, r->n_expert, r->s->n_expert);
+        snprintf(cells[2], sizeof cells[2], "%s", r->mode);
     } else {
-        snprintf(experts, sizeof experts, "%" PRId64, r->n_expert);
+        snprintf(cells[2], sizeof cells[2], "%s (%" PRId64 " tok)", r->mode, r->n_tokens);
+    }
+    if (r->na || r->skipped) {
+        for (int c = 3; c < 13; c++) {
+            snprintf(cells[c], sizeof cells[c], "%s", r->na ? "n/a" : "-");
+        }
+        snprintf(cells[15], sizeof cells[15], "%s", r->check);  // why
+        print_cells(cells);
+        return;
+    }
+    if (r->n_expert != r->s->n_expert) {
+        snprintf(cells[3], sizeof cells[3], "%" PRId64 " of %" PRId64, r->n_expert, r->s->n_expert);
+    } else {
+        snprintf(cells[3], sizeof cells[3], "%" PRId64, r->n_expert);
     }
     const double st = r->med[V_STOCK], nm = r->med[V_NUMA];
-    char         rep[3][32] = { "not taken", "-", "-" };  // CPU_REPACK does not take this type here
-    if (r->has[V_REPACK]) {
-        snprintf(rep[0], sizeof rep[0], "%.3f", r->med[V_REPACK] * 1e3);
-        snprintf(rep[1], sizeof rep[1], "%.1f", r->bytes / r->med[V_REPACK] / 1e9);
-        snprintf(rep[2], sizeof rep[2], "%.2fx", st / r->med[V_REPACK]);
-    }
-    char aa[32] = "-";
+    snprintf(cells[4], sizeof cells[4], "%.3f", st * 1e3);
+    snprintf(cells[5], sizeof cells[5], "%.3f", nm * 1e3);
+    snprintf(cells[6], sizeof cells[6], "%.3f", nm / st);
+    snprintf(cells[7], sizeof cells[7], "-");
     if (r->has[V_STOCK2]) {
-        snprintf(aa, sizeof aa, "%.3f", r->med[V_STOCK2] / st);
+        snprintf(cells[7], sizeof cells[7], "%.3f", r->med[V_STOCK2] / st);
+    }
+    for (int c = 8; c < 12; c++) {
+        snprintf(cells[c], sizeof cells[c], "-");
+    }
+    snprintf(cells[12], sizeof cells[12], "%.1f / -", r->bytes / st / 1e9);
+    if (!r->has[V_REPACK]) {
+        snprintf(cells[8], sizeof cells[8], "not taken");  // CPU_REPACK does not take this type here
+    } else {
+        const double rp = r->med[V_REPACK];
+        snprintf(cells[8], sizeof cells[8], "%.3f", rp * 1e3);
+        if (r->has[V_NREPACK]) {
+            snprintf(cells[9], sizeof cells[9], "%.3f", r->med[V_NREPACK] * 1e3);
+            snprintf(cells[10], sizeof cells[10], "**%.3f**", r->med[V_NREPACK] / rp);
+        }
+        if (r->has[V_REPACK2]) {
+            snprintf(cells[11], sizeof cells[11], "%.3f", r->med[V_REPACK2] / rp);
+        }
+        snprintf(cells[12], sizeof cells[12], "%.1f / %.1f", r->bytes / st / 1e9, r->bytes / rp / 1e9);
     }
     double noise = 0;
     for (int v = 0; v < V_COUNT; v++) {
@@ -655,9 +712,10 @@ static void print_row(const struct result * r) {
             noise = r->iqr[v] / r->med[v];
         }
     }
-    printf("| %s | %s | %s | %s | %.3f | %.3f | %.3f | %.2fx | %.1f | %.1f | %s | %s | %s | %s | %.0f%% | %.0f%% | %s |\n",
-           r->s->name, tn, mode, experts, st * 1e3, nm * 1e3, nm / st, st / nm, r->bytes / st / 1e9, r->bytes / nm / 1e9, rep[0],
-           rep[1], rep[2], aa, noise * 100, r->others * 100, r->check);
+    snprintf(cells[13], sizeof cells[13], "%.0f%%", noise * 100);
+    snprintf(cells[14], sizeof cells[14], "%.0f%%", r->others * 100);
+    snprintf(cells[15], sizeof cells[15], "%s", r->check);
+    print_cells(cells);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -701,8 +759,12 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
     const int            decode   = n_tokens == 1;
     int                  rounds   = g_opt.iters ? g_opt.iters : (decode ? (g_opt.quick ? 30 : 100) : (g_opt.quick ? 6 : 8));
     int                  warmup   = g_opt.warmup >= 0 ? g_opt.warmup : (decode ? 5 : 1);
-    if (rounds < 2 * V_COUNT) {
-        rounds = 2 * V_COUNT;  // see the offsets below
+    int                  nv       = 0;  // variants timed
+    for (int v = 0; v < V_COUNT; v++) {
+        nv += has[v] != 0;
+    }
+    if (rounds < 2 * nv) {
+        rounds = 2 * nv;  // see the offsets below
     }
     r->mode     = mode;
     r->n_tokens = n_tokens;
@@ -745,29 +807,44 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
         }
     }
 
-    // correctness, once: numa-moe bitwise equal to stock, and computed by the hook
-    NumaMoeStats st0, st1;
-    numa_moe_stats_get(&st0);
-    graph_run(&g[V_STOCK], wseq);
-    graph_run(&g[V_NUMA], wseq);
-    numa_moe_stats_get(&st1);
+    // correctness, once: numa-moe bitwise equal to stock, numa-moe repacked bitwise equal to
+    // CPU_REPACK, and each computed by the hook
+    const char * tn = ggml_type_name(wv[V_STOCK].w->type);
     const size_t out_bytes = ggml_nbytes(g[V_STOCK].out);
     snprintf(r->check, sizeof r->check, "ok");
-    if (memcmp(g[V_STOCK].out->data, g[V_NUMA].out->data, out_bytes) != 0) {
-        snprintf(r->check, sizeof r->check, "**MISMATCH**");
-        fprintf(stderr, "\n*** MISMATCH: %s %s %s: numa-moe's output differs from stock's ***\n\n", s->name,
-                ggml_type_name(wv[V_STOCK].w->type), mode);
-        g_failures++;
-    } else if (st1.ops_computed - st0.ops_computed != 1 || st1.ops_declined != st0.ops_declined) {
-        snprintf(r->check, sizeof r->check, "**HOOK NOT USED**");
-        fprintf(stderr, "\n*** MISMATCH: %s %s %s: numa-moe computed %" PRIu64 " ops, declined %" PRIu64 " (want 1, 0) ***\n\n",
-                s->name, ggml_type_name(wv[V_STOCK].w->type), mode, st1.ops_computed - st0.ops_computed,
-                st1.ops_declined - st0.ops_declined);
-        g_failures++;
+    graph_run(&g[V_STOCK], wseq);
+    if (has[V_REPACK]) {
+        graph_run(&g[V_REPACK], wseq);
+    }
+    const int checked[2][2] = { { V_NUMA, V_STOCK }, { V_NREPACK, V_REPACK } };  // (numa-moe variant, its reference)
+    for (int c = 0; c < 2; c++) {
+        const int v = checked[c][0], ref = checked[c][1];
+        if (!has[v]) {
+            continue;
+        }
+        NumaMoeStats st0, st1;
+        numa_moe_stats_get(&st0);
+        graph_run(&g[v], wseq);
+        numa_moe_stats_get(&st1);
+        char why[128] = "";
+        if (memcmp(g[ref].out->data, g[v].out->data, out_bytes) != 0) {
+            snprintf(why, sizeof why, "**MISMATCH** (%s vs %s)", k_variant_names[v], k_variant_names[ref]);
+            fprintf(stderr, "\n*** MISMATCH: %s %s %s: %s's output differs from %s's ***\n\n", s->name, tn, mode, k_variant_names[v],
+                    k_variant_names[ref]);
+        } else if (st1.ops_computed - st0.ops_computed != 1 || st1.ops_declined != st0.ops_declined) {
+            snprintf(why, sizeof why, "**HOOK NOT USED** (%s)", k_variant_names[v]);
+            fprintf(stderr, "\n*** MISMATCH: %s %s %s: numa-moe computed %" PRIu64 " ops of %s, declined %" PRIu64 " (want 1, 0) ***\n\n",
+                    s->name, tn, mode, st1.ops_computed - st0.ops_computed, k_variant_names[v], st1.ops_declined - st0.ops_declined);
+        }
+        if (why[0]) {
+            g_failures++;
+            if (!strcmp(r->check, "ok")) {
+                snprintf(r->check, sizeof r->check, "%s", why);
+            }
+        }
     }
     r->repack_rel = 0;
     if (has[V_REPACK]) {
-        graph_run(&g[V_REPACK], wseq);
         const float * a = g[V_STOCK].out->data;
         const float * b = g[V_REPACK].out->data;
         double        num = 0, den = 0;
@@ -777,16 +854,15 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
         }
         r->repack_rel = den > 0 ? sqrt(num / den) : 0;
         if (!(r->repack_rel < 1e-2)) {
-            fprintf(stderr, "note: %s %s %s: repacked output differs from stock by %.3g (relative RMS)\n", s->name,
-                    ggml_type_name(wv[V_STOCK].w->type), mode, r->repack_rel);
+            fprintf(stderr, "note: %s %s %s: repacked output differs from stock by %.3g (relative RMS)\n", s->name, tn, mode, r->repack_rel);
         }
     }
 
     // warm-up, then timed rounds; the first variant rotates every round
-    int order[V_COUNT], nv = 0;
-    for (int v = 0; v < V_COUNT; v++) {
+    int order[V_COUNT];
+    for (int v = 0, k = 0; v < V_COUNT; v++) {
         if (has[v]) {
-            order[nv++] = v;
+            order[k++] = v;
         }
     }
     for (int i = 0; i < warmup; i++) {
@@ -809,6 +885,7 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
             wait_quiet(30);
         }
         struct cpu_sample c0, c1;
+        NumaMoeStats st0, st1;
         cpu_sample(&c0);
         numa_moe_stats_get(&st0);
         int numa_runs = 0;
@@ -817,15 +894,15 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
                 const int j = (i + k) % nv;
                 const int v = order[j];
                 tt[v * rounds + i] = graph_run(&g[v], seq + (size_t) ((i + j * (nseq / nv)) % nseq) * per);
-                numa_runs += v == V_NUMA;
+                numa_runs += v == V_NUMA || v == V_NREPACK;
             }
         }
         numa_moe_stats_get(&st1);
         cpu_sample(&c1);
         if (st1.ops_computed - st0.ops_computed != (uint64_t) numa_runs && !strcmp(r->check, "ok")) {
             snprintf(r->check, sizeof r->check, "**HOOK NOT USED**");
-            fprintf(stderr, "\n*** MISMATCH: %s %s %s: numa-moe computed %" PRIu64 " of %d timed ops ***\n\n", s->name,
-                    ggml_type_name(wv[V_STOCK].w->type), mode, st1.ops_computed - st0.ops_computed, numa_runs);
+            fprintf(stderr, "\n*** MISMATCH: %s %s %s: numa-moe computed %" PRIu64 " of %d timed ops ***\n\n", s->name, tn, mode,
+                    st1.ops_computed - st0.ops_computed, numa_runs);
             g_failures++;
         }
         const double others = others_busy(&c0, &c1);
@@ -878,7 +955,15 @@ static void run_case(const struct shape * s, enum ggml_type type) {
         return;
     }
 
-    int has[V_COUNT] = { 1, 1, repack_takes(type, s->n_embd, s->n_ff), g_opt.control };
+    // the repacked variants where CPU_REPACK takes the type; the A/A controls as --control asks
+    const int repacked = repack_takes(type, s->n_embd, s->n_ff);
+    int       has[V_COUNT];
+    has[V_STOCK]   = 1;
+    has[V_NUMA]    = 1;
+    has[V_REPACK]  = repacked;
+    has[V_NREPACK] = repacked && g_nrepack_buft;
+    has[V_REPACK2] = repacked && g_opt.control != C_NONE;
+    has[V_STOCK2]  = g_opt.control == C_BOTH || (g_opt.control == C_AUTO && !repacked);
     // experts that fit the budget with every copy alive at once
     const double expert_bytes = (double) ggml_row_size(type, s->n_embd) * (double) s->n_ff;
     double       budget       = g_opt.mem_gib * (double) (1ull << 30);
@@ -887,7 +972,10 @@ static void run_case(const struct shape * s, enum ggml_type type) {
         budget = (avail - 3.0) * (double) (1ull << 30);
         fprintf(stderr, "note: only %.1f GiB available: budget %.1f GiB for this case\n", avail, budget / (double) (1ull << 30));
     }
-    const int copies   = has[V_STOCK] + has[V_NUMA] + has[V_REPACK] + has[V_STOCK2];
+    int copies = 0;
+    for (int v = 0; v < V_COUNT; v++) {
+        copies += has[v];
+    }
     int64_t   n_expert = s->n_expert;
     if (copies * expert_bytes * (double) n_expert > budget) {
         n_expert = (int64_t) (budget / (copies * expert_bytes)) / 8 * 8;
@@ -921,37 +1009,33 @@ static void run_case(const struct shape * s, enum ggml_type type) {
         fprintf(stderr, "mmid_bench: numa_moe_config_set_map(%s): %s\n", g_opt.map, numa_err());
         exit(2);
     }
-    NumaMoeStats st0, st1;
-    numa_moe_stats_get(&st0);
-    if (!weights_alloc(&wv[V_NUMA], g_numa_buft, type, s->n_embd, s->n_ff, n_expert)) {
-        fprintf(stderr, "mmid_bench: cannot allocate numa-moe weights: %s\n", numa_err());
-        exit(2);
-    }
-    numa_moe_stats_get(&st1);
-    if (st1.tensors_placed != st0.tensors_placed + 1) {
-        fprintf(stderr, "\n*** MISMATCH: numa-moe did not place the expert tensor (map %s) ***\n\n", g_opt.map);
-        g_failures++;
-    }
-    ggml_backend_tensor_set(wv[V_NUMA].w, wv[V_STOCK].w->data, 0, ggml_nbytes(wv[V_STOCK].w));
-    if (has[V_REPACK]) {
-        if (!weights_alloc(&wv[V_REPACK], g_repack_buft, type, s->n_embd, s->n_ff, n_expert)) {
-            fprintf(stderr, "mmid_bench: cannot allocate repacked weights\n");
+    // every other copy from the stock one (numa-moe's and CPU_REPACK's buffers convert it to
+    // their layouts as they are written, as llama.cpp's loader writes them)
+    for (int v = V_NUMA; v < V_COUNT; v++) {
+        if (!has[v]) {
+            continue;
+        }
+        const ggml_backend_buffer_type_t buft = v == V_NUMA      ? g_numa_buft
+                                                : v == V_NREPACK ? g_nrepack_buft
+                                                : v == V_REPACK || v == V_REPACK2 ? g_repack_buft
+                                                                                  : ggml_backend_cpu_buffer_type();
+        const int numa = v == V_NUMA || v == V_NREPACK;
+        NumaMoeStats st0, st1;
+        numa_moe_stats_get(&st0);
+        if (!weights_alloc(&wv[v], buft, type, s->n_embd, s->n_ff, n_expert)) {
+            fprintf(stderr, "mmid_bench: cannot allocate the %s weights%s%s\n", k_variant_names[v], numa ? ": " : "", numa ? numa_err() : "");
             exit(2);
         }
-        if (g_opt.stock_thp) {
-            advise_thp(wv[V_REPACK].w);
+        numa_moe_stats_get(&st1);
+        if (numa && st1.tensors_placed != st0.tensors_placed + 1) {
+            fprintf(stderr, "\n*** MISMATCH: numa-moe did not place the expert tensor in %s (map %s) ***\n\n", ggml_backend_buft_name(buft),
+                    g_opt.map);
+            g_failures++;
         }
-        ggml_backend_tensor_set(wv[V_REPACK].w, wv[V_STOCK].w->data, 0, ggml_nbytes(wv[V_STOCK].w));
-    }
-    if (has[V_STOCK2]) {
-        if (!weights_alloc(&wv[V_STOCK2], ggml_backend_cpu_buffer_type(), type, s->n_embd, s->n_ff, n_expert)) {
-            fprintf(stderr, "mmid_bench: cannot allocate the second stock copy\n");
-            exit(2);
+        if (g_opt.stock_thp && !numa) {
+            advise_thp(wv[v].w);
         }
-        if (g_opt.stock_thp) {
-            advise_thp(wv[V_STOCK2].w);
-        }
-        ggml_backend_tensor_set(wv[V_STOCK2].w, wv[V_STOCK].w->data, 0, ggml_nbytes(wv[V_STOCK].w));
+        ggml_backend_tensor_set(wv[v].w, wv[V_STOCK].w->data, 0, ggml_nbytes(wv[V_STOCK].w));
     }
     fprintf(stderr, "%s %s: %" PRId64 " experts, %.2f GB per copy, %d copies, set up in %.1f s\n", s->name, ggml_type_name(type),
             n_expert, expert_bytes * n_expert / 1e9, copies, now_s() - t0);
@@ -977,13 +1061,49 @@ static void run_case(const struct shape * s, enum ggml_type type) {
 
 // ---------------------------------------------------------------------------------------
 
+// whether `name` is one of the comma-separated `list` (NULL: everything)
+static int in_list(const char * list, const char * name) {
+    if (!list) {
+        return 1;
+    }
+    const size_t n = strlen(name);
+    for (const char * p = list; *p;) {
+        const char * end = strchr(p, ',');
+        const size_t len = end ? (size_t) (end - p) : strlen(p);
+        if (len == n && !strncmp(p, name, n)) {
+            return 1;
+        }
+        p += len + (end != NULL);
+    }
+    return 0;
+}
+
 static int case_selected(size_t si, size_t ti) {
-    return (!g_opt.shape || !strcmp(g_opt.shape, k_shapes[si].name)) && (!g_opt.type || !strcmp(g_opt.type, ggml_type_name(k_types[ti])));
+    return in_list(g_opt.shape, k_shapes[si].name) && in_list(g_opt.type, ggml_type_name(k_types[ti]));
 }
 
 int main(int argc, char ** argv) {
     if (!parse_args(argc, argv)) {
         return 2;
+    }
+    // every name in --shape and --type must be known (a typo would drop cases silently)
+    for (int which = 0; which < 2; which++) {
+        const char * list = which ? g_opt.type : g_opt.shape;
+        for (const char * p = list; p && *p;) {
+            const char * end   = strchr(p, ',');
+            const size_t len   = end ? (size_t) (end - p) : strlen(p);
+            int          known = 0;
+            const size_t n     = which ? sizeof k_types / sizeof k_types[0] : sizeof k_shapes / sizeof k_shapes[0];
+            for (size_t i = 0; i < n; i++) {
+                const char * name = which ? ggml_type_name(k_types[i]) : k_shapes[i].name;
+                known |= strlen(name) == len && !strncmp(p, name, len);
+            }
+            if (!known) {
+                fprintf(stderr, "mmid_bench: unknown %s \"%.*s\" (see --help)\n", which ? "type" : "shape", (int) len, p);
+                return 2;
+            }
+            p += len + (end != NULL);
+        }
     }
     int matched = 0;
     for (size_t si = 0; si < sizeof k_shapes / sizeof k_shapes[0]; si++) {
@@ -999,9 +1119,13 @@ int main(int argc, char ** argv) {
     ggml_cpu_init();
     find_bufts();
     if (!g_numa_buft) {
-        fprintf(stderr, "mmid_bench: numa-moe's buffer type is not the first extra buffer type of ggml-cpu "
-                        "(patched ggml with libnuma_moe.so needed)\n");
+        fprintf(stderr, "mmid_bench: ggml-cpu has no NUMA_MOE extra buffer type (patched ggml with libnuma_moe.so needed)\n");
         return 2;
+    }
+    if (g_repack_buft && !g_nrepack_buft) {
+        // ggml-cpu repacks, so numa-moe should offer its repacked type next to its standard one
+        fprintf(stderr, "\n*** MISMATCH: ggml-cpu has CPU_REPACK but no NUMA_MOE_REPACK buffer type ***\n\n");
+        g_failures++;
     }
 
     size_t nodes = 0;
@@ -1015,11 +1139,16 @@ int main(int argc, char ** argv) {
     gmtime_r(&now, &tmv);
     strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", &tmv);
 
+    static const char * const controls[] = {
+        [C_AUTO] = "a second CPU_REPACK copy where CPU_REPACK takes the type, else a second stock copy",
+        [C_BOTH] = "second stock and CPU_REPACK copies",
+        [C_NONE] = "none",
+    };
     printf("mmid_bench (numa-moe %s): %s, %d threads, map \"%s\", %zu NUMA node(s) as numa-moe sees them%s%s%s, "
-           "CPU_REPACK %s, LLC flush before every op: %s, stock THP: %s, A/A control: %s, load average %s\n\n",
+           "CPU_REPACK %s, NUMA_MOE_REPACK %s, LLC flush before every op: %s, stock THP: %s, A/A control: %s, load average %s\n\n",
            numa_moe_version(), date, g_opt.threads, g_opt.map, nodes, topo ? " (NUMA_MOE_TOPOLOGY=\"" : "", topo ? topo : "",
-           topo ? "\")" : "", g_repack_buft ? "present" : "absent", g_opt.flush ? "yes" : "no",
-           g_opt.stock_thp ? "asked" : "no (as ggml allocates)", g_opt.control ? "yes" : "no", la);
+           topo ? "\")" : "", g_repack_buft ? "present" : "absent", g_nrepack_buft ? "present" : "absent", g_opt.flush ? "yes" : "no",
+           g_opt.stock_thp ? "asked" : "no (as ggml allocates)", controls[g_opt.control], la);
 
     if (g_opt.bw_gib > 0) {
         double best = 0, med = 0;
@@ -1046,9 +1175,12 @@ int main(int argc, char ** argv) {
     }
 
     loadavg(la, sizeof la);
-    printf("\nms: median time per op; GB/s: bytes of the routed experts' weights / median time; speed > 1.00x: faster than "
-           "stock; noise: largest (p75-p25)/median of the variants; others: share of the CPUs other processes used while it was timed; "
-           "load average at the end %s\n",
+    printf("\nms: median time per op. numa-moe: weights in NUMA_MOE (ggml's standard layout); numa-moe repacked: in "
+           "NUMA_MOE_REPACK (CPU_REPACK's layout and kernels), where CPU_REPACK takes the type; stock+repack: in CPU_REPACK, "
+           "as llama.cpp ships. Time ratios < 1.000: faster than the baseline. A/A: a second copy of the baseline, timed like the "
+           "others: how far from 1.000 a ratio of two identical variants lands in this run. GB/s: bytes of the routed experts' "
+           "weights / median time. noise: largest (p75-p25)/median of the variants; others: share of the CPUs other processes "
+           "used while it was timed; load average at the end %s\n",
            la);
     if (g_opt.bw_gib > 0) {
         double best = 0, med = 0;
@@ -1061,7 +1193,8 @@ int main(int argc, char ** argv) {
     NumaMoeStats st;
     numa_moe_stats_get(&st);
     printf("numa-moe: %" PRIu64 " ops computed by the hook, %" PRIu64 " declined; %s\n", st.ops_computed, st.ops_declined,
-           g_failures ? "CHECKS FAILED (see **MISMATCH** above)" : "every numa-moe output bitwise equal to stock's\n");
+           g_failures ? "CHECKS FAILED (see **MISMATCH** above)" : "every numa-moe output bitwise equal to stock's, "
+                                                                      "every numa-moe repacked output to CPU_REPACK's\n");
 
     ggml_backend_free(g_backend);
     ggml_threadpool_free(tp);

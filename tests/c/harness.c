@@ -666,6 +666,48 @@ static void test_mmid_repacked_layouts(void) {
 #endif
 }
 
+// Writes into the repacked buffer type: CPU_REPACK itself takes only whole tensors (and
+// aborts otherwise); numa-moe converts any write of whole row groups, in pieces, and refuses
+// others with an error naming the tensor instead of aborting.
+static void test_repacked_writes(void) {
+    if (!numa_moe_repack_buft() || !cpu_repacks(GGML_TYPE_Q4_K, 256, 64)) {
+        printf("  (skipped: ggml-cpu does not repack q4_K here)\n");
+        return;
+    }
+    const struct mmid_case c = { GGML_TYPE_Q4_K, 256, 64, 8, 4, 3, 1 };
+    struct experts         e;
+    CHECK(experts_alloc(&e, numa_moe_repack_buft(), "rows", c.type, c.n_embd, c.n_ff, c.n_expert), "%s", last_error());
+    if (!e.buf) {
+        return;
+    }
+    const size_t nb = ggml_nbytes(e.w), group = 8 * e.w->nb[1];
+    uint8_t *    w  = malloc(nb);
+    fill_weights(e.w, w);
+    // a write that is not whole 8-row groups: refused with the reason, nothing aborts
+    numa_moe_config_set_map(NULL);  // a known last error, to see it replaced
+    ggml_backend_tensor_set(e.w, w, 0, group / 2);
+    CHECK(strstr(last_error(), "blk.0.ffn_up_exps.weight") && strstr(last_error(), "whole 8-row groups"), "got '%s'", g_err);
+    // three pieces on group boundaries (one straddling an expert boundary) equal one whole write
+    const size_t cut1 = 3 * group, cut2 = nb - 5 * group;
+    ggml_backend_tensor_set(e.w, w, 0, cut1);
+    ggml_backend_tensor_set(e.w, w + cut1, cut1, cut2 - cut1);
+    ggml_backend_tensor_set(e.w, w + cut2, cut2, nb - cut2);
+    float * act = malloc(sizeof(float) * c.n_embd * c.n_tokens);
+    for (int64_t i = 0; i < c.n_embd * c.n_tokens; i++) {
+        act[i] = rnd_normal();
+    }
+    const int32_t ids[] = { 0, 3, 5, 7, 1, 2, 6, 4, 7, 0, 2, 5 };
+    float *       got   = mmid_over(&e, &c, act, ids, 2);
+    float *       ref   = run_mmid(&c, cpu_repack_buft(), w, act, ids, 2, NULL);
+    CHECK(got && ref && memcmp(got, ref, sizeof(float) * c.n_ff * c.n_used * c.n_tokens) == 0, "pieces differ from CPU_REPACK's whole write");
+    free(got);
+    free(ref);
+    free(act);
+    free(w);
+    experts_free(&e);
+    numa_moe_config_set_map("off");
+}
+
 // ---------------------------------------------------------------------------------------
 // environment faults: NUMA syscalls the kernel refuses (tests/c/fault_shim.c, preloaded with
 // NUMA_MOE_FAULT="call=ERRNO,...") and a machine whose topology cannot be read. Each runs
@@ -1201,6 +1243,7 @@ static const struct test k_tests[] = {
     { "mmid_batches", test_mmid_small_batches },
     { "mmid_prefill", test_mmid_prefill },
     { "mmid_repacked", test_mmid_repacked_layouts },
+    { "buffer_repacked_writes", test_repacked_writes },
     { "fault_syscalls", test_fault_syscalls },
     { "fault_topology", test_fault_topology },
     { "numa_topology", test_numa_topology_matches_the_machine },

@@ -5,7 +5,7 @@
 # numa-moe tool's plan of a real model adds up; a bad map stops llama.cpp before loading; two
 # contexts computing at once on one model give the logits of one context alone.
 #
-# Prints one line per failure and `N passed, N failed`. Expects make llama lib models.
+# Prints one line per failure and `N passed, N failed`. Expects make llama-portable lib models.
 set -uo pipefail
 
 source "$(dirname "$0")/../../scripts/lib.sh"

@@ -12,7 +12,7 @@
 #   - `numa-moe verify --pid` at the end: no expert byte on a node its policy does not allow;
 #     where memory is bound (this machine, a real multi-node one), the bound bytes are all of
 #     the plan's expert bytes
-# Prints one line per failure and `N passed, N failed`. Expects make llama lib models.
+# Prints one line per failure and `N passed, N failed`. Expects make llama-portable lib models.
 # Knobs: SOAK_MODEL (default build/models/many/e48u6-f16.gguf: f16 experts, which ggml's
 # CPU_REPACK does not take, so numa-moe computes them on one node too), SOAK_REQUESTS (200),
 # SOAK_RUNS (default "stock-a two stock-b host"), SOAK_OUT.
@@ -30,7 +30,7 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/output.txt") 2>&1
 
 for f in "$B/llama-server" "$LIB" "$CLI" "$MODEL"; do
-    [ -e "$f" ] || { echo "soak: missing $f (make llama lib models)"; fail "setup"; summary; exit 1; }
+    [ -e "$f" ] || { echo "soak: missing $f (make llama-portable lib models)"; fail "setup"; summary; exit 1; }
 done
 
 server=""
