@@ -72,11 +72,4 @@ for MODEL in $MODELS_MEM; do
             echo "| ${names[$i]} | $rss | $anon | $file | $peak | $(awk -v a="$rss" -v b="$brss" 'BEGIN{printf "%.3f", a/b}') | $(awk -v a="$peak" -v b="$bpeak" 'BEGIN{printf "%.3f", a/b}') |"
         done
     done
-    echo
-    echo "Where the experts went (numa-moe rows, 1 node, mmap):"
-    echo
-    echo '```'
-    grep -E "numa-moe: [0-9]+ expert tensors|model buffer size" "$OUT/mem-$tag-rows-mmap.log" | sed 's/^[0-9.]* [A-Z] //' | sort -u | head -6
-    echo '```'
-    echo
 done

@@ -140,22 +140,26 @@ if ! skip op; then
 fi
 
 if ! skip split; then
-    echo "## Overhead of a 2-way split on one node (not a NUMA speedup)"
+    echo "## Overhead of a split on one node (not a NUMA speedup)"
     echo
-    echo "The same op benchmark with NUMA_MOE_TOPOLOGY=\"package:2 numa:1 core:1 pu:1\": numa-moe plans for a"
-    echo "described 2-node machine, splits every expert's rows between the two \"nodes\" and gives each half to the"
-    echo "thread planned there. Memory is not bound and both threads share this machine's one memory controller,"
-    echo "so this measures what the split and its bookkeeping cost, not what NUMA placement gains."
+    echo "The same op benchmark with NUMA_MOE_TOPOLOGY=\"$TWO\" and then \"$FOUR\": numa-moe plans for a"
+    echo "described 2- or 4-node machine, splits every expert's rows between the \"nodes\" and gives each part to the"
+    echo "threads planned there. Memory is not bound and all threads share this machine's one memory controller,"
+    echo "so this measures what the split and its bookkeeping cost, not what NUMA placement gains. The 4-node run"
+    echo "covers the types CPU_REPACK repacks; the A/A control is a second CPU_REPACK copy where it takes the type."
     echo
-    wait_quiet
-    if [ "$QUICK" = 1 ]; then
-        NUMA_MOE_TOPOLOGY="$TWO" build/mmid_bench --threads "$T" --quick --bw-gib 0 --no-control \
-            | tee "$OUT/mmid-split.md"
-    else
-        NUMA_MOE_TOPOLOGY="$TWO" build/mmid_bench --threads "$T" --bw-gib 0 --no-control \
-            | tee "$OUT/mmid-split.md"
-    fi
-    echo
+    for topo in "$TWO" "$FOUR"; do
+        wait_quiet
+        echo "### NUMA_MOE_TOPOLOGY=\"$topo\""
+        echo
+        types=()
+        [ "$topo" = "$FOUR" ] && types=(--type q4_0,q4_K,iq4_nl,mxfp4)
+        quick=()
+        [ "$QUICK" = 1 ] && quick=(--quick)
+        NUMA_MOE_TOPOLOGY="$topo" build/mmid_bench --threads "$T" --bw-gib 0 "${quick[@]}" "${types[@]}" \
+            | tee "$OUT/mmid-split-$(echo "$topo" | tr -dc '0-9').md"
+        echo
+    done
 fi
 
 if ! skip routing; then

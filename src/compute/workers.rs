@@ -101,13 +101,29 @@ pub fn assign(topo: &Topology, roster: &[u32], piece_nodes: &[u32]) -> Assignmen
         *c += 1;
     }
     let groups: Vec<u32> = group_size.keys().copied().collect();
-    let group_of_node = piece_nodes
-        .iter()
-        .filter_map(|&p| {
-            let g = if groups.contains(&p) { Some(p) } else { topo.nearest(p, &groups).or(groups.first().copied()) };
-            g.map(|g| (p, g))
-        })
-        .collect();
+    // A node no thread joined goes to the nearest group; among equally near groups, to the
+    // one with the fewest nodes per thread so far (4 described nodes and 2 threads: each
+    // thread takes two nodes' pieces, not one thread three and the other one).
+    let mut load: BTreeMap<u32, usize> = groups.iter().map(|&g| (g, usize::from(piece_nodes.contains(&g)))).collect();
+    let mut group_of_node = BTreeMap::new();
+    for &p in piece_nodes {
+        let g = if groups.contains(&p) {
+            Some(p)
+        } else {
+            let best = groups.iter().map(|&g| topo.distance(p, g)).min();
+            groups.iter().copied().filter(|&g| Some(topo.distance(p, g)) == best).min_by(|&a, &b| {
+                // (load + 1) / threads, compared without division; ties to the lower id
+                let (la, lb) = (load[&a] + 1, load[&b] + 1);
+                (la * group_size[&b]).cmp(&(lb * group_size[&a])).then(a.cmp(&b))
+            })
+        };
+        if let Some(g) = g {
+            if !groups.contains(&p) {
+                *load.entry(g).or_default() += 1;
+            }
+            group_of_node.insert(p, g);
+        }
+    }
     Assignment { group_of_thread, rank, group_size, group_of_node }
 }
 
@@ -223,6 +239,27 @@ mod tests {
         // threads on 0 only: node 1 and 2 pieces computed by group 0
         let a = assign(&topo, &[0, 0], &[0, 1, 2]);
         assert!(a.group_of_node.values().all(|&g| g == 0));
+    }
+
+    #[test]
+    fn nodes_without_threads_are_shared_among_equally_near_groups() {
+        // 2 packages of 2 nodes (described "package:2 numa:2"), 2 threads on nodes 0 and 2:
+        // each thread computes its own node's pieces and its package neighbour's
+        let topo = Topology::from_synthetic("package:2 numa:2 core:1 pu:1").unwrap();
+        let a = assign(&topo, &[0, 2], &[0, 1, 2, 3]);
+        let per_group = |g: u32| a.group_of_node.values().filter(|&&x| x == g).count();
+        assert_eq!((per_group(0), per_group(2)), (2, 2), "{:?}", a.group_of_node);
+        // threads on nodes 0 and 1 (same package): nodes 2 and 3 are equally far from both
+        // groups and are dealt one to each, never both to the lower id
+        let a = assign(&topo, &[0, 1], &[0, 1, 2, 3]);
+        assert_eq!((per_group_of(&a, 0), per_group_of(&a, 1)), (2, 2), "{:?}", a.group_of_node);
+        // a group with more threads takes more of the orphans: 3 threads on 0, 1 on 1
+        let a = assign(&topo, &[0, 0, 0, 1], &[0, 1, 2, 3]);
+        assert_eq!((per_group_of(&a, 0), per_group_of(&a, 1)), (3, 1), "{:?}", a.group_of_node);
+    }
+
+    fn per_group_of(a: &Assignment, g: u32) -> usize {
+        a.group_of_node.values().filter(|&&x| x == g).count()
     }
 
     #[test]
