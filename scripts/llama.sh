@@ -10,6 +10,9 @@
 #                             run (default: the user's tools; `ggml` for ggml's libraries alone)
 #   scripts/llama.sh linked   llama-completion built with GGML_NUMA_MOE_LINK (libnuma_moe.so linked
 #                             into ggml-cpu instead of found at run time) into build/llama-linked
+#   scripts/llama.sh vulkan   the portable build with ggml's Vulkan backend into build/llama-vulkan:
+#                             libllama and llama-completion, for the hybrid CPU+GPU tests on Mesa's
+#                             lavapipe (tests/e2e/hybrid.sh)
 #
 # Every build runs `source` first, which does nothing unless the pin, the patches or the source
 # directory changed (a stamp holding their hash sits beside the patched tree); a build tree is
@@ -28,6 +31,7 @@ CACHE=${NUMA_MOE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/numa-moe}
 SRC=$root/third_party/llama.cpp
 BUILD=$root/build/llama
 NATIVE=$root/build/llama-native
+VULKAN=$root/build/llama-vulkan
 JOBS=${JOBS:-$(nproc)}
 
 # the portable build: everything the tests run
@@ -35,6 +39,8 @@ TARGETS=(llama-cli llama-completion llama-bench llama-perplexity llama-quantize 
          test-backend-ops test-llama-archs)
 # the native build, unless told fewer: the tools a user runs
 NATIVE_TARGETS=(llama-cli llama-completion llama-bench llama-perplexity llama-quantize llama-server)
+# the Vulkan build: what the hybrid tests run (build/vulkan/greedy links libllama)
+VULKAN_TARGETS=(llama llama-completion)
 
 log() { echo "llama.sh: $*" >&2; }
 
@@ -179,10 +185,56 @@ cmd_native() {
     build_tree "$NATIVE" native "${targets[@]}"
 }
 
+# Vulkan headers for the pinned ggml-vulkan, which needs VK_EXT_layer_settings (Debian 12's
+# libvulkan-dev 1.3.239 predates it): Debian 13's libvulkan-dev, fetched with apt-get download through
+# a private sources list (nothing installed, nothing upgraded) and unpacked into the cache, where
+# every clone finds it. Prints the include directory.
+vulkan_headers() {
+    local dir=$CACHE/vulkan-headers
+    local core=$dir/usr/include/vulkan/vulkan_core.h
+    if ! grep -qs VK_EXT_layer_settings "$core"; then
+        log "fetching Debian 13's libvulkan-dev (headers only) into $dir"
+        local apt=$CACHE/apt-trixie
+        rm -rf "$apt" "$dir.tmp"
+        mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/deb" "$dir.tmp"
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" > "$apt/sources.list"
+        local opts=(-q -o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
+                    -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o Debug::NoLocking=1
+                    -o APT::Sandbox::User="$(id -un)")
+        if ! apt-get "${opts[@]}" update > "$apt/log" 2>&1 ||
+            ! (cd "$apt/deb" && apt-get "${opts[@]}" download libvulkan-dev/trixie >> "$apt/log" 2>&1); then
+            tail -5 "$apt/log" >&2
+            log "ERROR: cannot fetch libvulkan-dev from Debian 13 (trixie) (full log: $apt/log)"
+            exit 1
+        fi
+        dpkg-deb -x "$apt"/deb/libvulkan-dev_*.deb "$dir.tmp"
+        grep -qs VK_EXT_layer_settings "$dir.tmp/usr/include/vulkan/vulkan_core.h" ||
+            { log "ERROR: $(basename "$apt"/deb/*.deb) has no VK_EXT_layer_settings"; exit 1; }
+        log "unpacked $(basename "$apt"/deb/*.deb)"
+        rm -rf "$dir" "$apt"
+        mv "$dir.tmp" "$dir"
+    fi
+    echo "$dir/usr/include"
+}
+
+cmd_vulkan() {
+    cmd_source
+    local need
+    for need in glslc dpkg-deb apt-get; do
+        command -v "$need" > /dev/null || { log "ERROR: $need is missing (scripts/setup.sh installs it)"; exit 1; }
+    done
+    local inc
+    inc=$(vulkan_headers)
+    # the portable tree's flags, so that everything but ggml-vulkan comes from ccache
+    tree_flags=(-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=ON "${cpu_flags[@]}" -DGGML_VULKAN=ON -DVulkan_INCLUDE_DIR="$inc")
+    build_tree "$VULKAN" vulkan "${VULKAN_TARGETS[@]}"
+}
+
 case "${1:-build}" in
     source) cmd_source ;;
     build)  cmd_build ;;
     native) shift; cmd_native "$@" ;;
     linked) cmd_linked ;;
-    *) echo "usage: $0 source|build|native [TARGET...]|linked" >&2; exit 2 ;;
+    vulkan) cmd_vulkan ;;
+    *) echo "usage: $0 source|build|native [TARGET...]|linked|vulkan" >&2; exit 2 ;;
 esac

@@ -5,7 +5,8 @@ set -euo pipefail
 
 pkgs=(cmake pkg-config make gcc g++ libclang-dev libhwloc-dev libudev-dev ccache
       patch python3-pip time
-      qemu-system-x86 busybox-static cpio valgrind)
+      qemu-system-x86 busybox-static cpio valgrind
+      mesa-vulkan-drivers glslc libvulkan-dev spirv-headers vulkan-tools)
 
 missing=()
 for p in "${pkgs[@]}"; do
