@@ -9,6 +9,7 @@ CARGO      ?= $(shell command -v cargo 2>/dev/null || echo $(HOME)/.cargo/bin/ca
 LLAMA_SRC  := $(ROOT)/third_party/llama.cpp
 LLAMA_BIN  := $(ROOT)/build/llama/bin
 NATIVE_BIN := $(ROOT)/build/llama-native/bin
+VULKAN_BIN := $(ROOT)/build/llama-vulkan/bin
 GGML_INC   := $(LLAMA_SRC)/ggml/include
 LIB        := $(ROOT)/target/release/libnuma_moe.so
 CLI        := $(ROOT)/target/release/numa-moe
@@ -16,8 +17,8 @@ VERSION    := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 CFLAGS_T   := -O2 -g -Wall -Wextra -Werror -std=c11
 export NUMA_MOE_LLAMA_SRC := $(LLAMA_SRC)
 
-.PHONY: help setup source llama llama-portable native-libs llama-linked lib header header-check harness greedy two-contexts models \
-        fault-lib mmid-bench lint test test-rust test-c test-e2e test-numa demo bench clean
+.PHONY: help setup source llama llama-portable native-libs llama-linked llama-vulkan lib header header-check harness greedy greedy-vulkan \
+        two-contexts models fault-lib mmid-bench lint test test-rust test-c test-e2e test-hybrid test-numa demo bench clean
 
 help:
 	@echo "make demo          patched llama.cpp runs a MoE model with numa-moe and prints the placement"
@@ -53,6 +54,11 @@ native-libs: source
 llama-linked: lib llama-portable
 	@scripts/llama.sh linked
 
+# the portable build with ggml's Vulkan backend (libllama, llama-completion), for the hybrid
+# CPU+GPU tests on Mesa's lavapipe
+llama-vulkan: source
+	@scripts/llama.sh vulkan
+
 lib: source
 	$(CARGO) build --release
 
@@ -81,6 +87,14 @@ $(ROOT)/build/greedy: tests/e2e/greedy.c tests/e2e/e2e_common.h llama-portable
 	    -Wl,-rpath,$(LLAMA_BIN)
 
 greedy: $(ROOT)/build/greedy
+
+# the same driver against the Vulkan build, for tests/e2e/hybrid.sh
+$(ROOT)/build/vulkan/greedy: tests/e2e/greedy.c tests/e2e/e2e_common.h llama-vulkan
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_T) -I$(LLAMA_SRC)/include -I$(GGML_INC) $< -o $@ -L$(VULKAN_BIN) -lllama -lggml-base -lggml-cpu \
+	    -Wl,-rpath,$(VULKAN_BIN)
+
+greedy-vulkan: $(ROOT)/build/vulkan/greedy
 
 # the library with the test-only fault switch (Cargo feature fault-injection), for the test
 # that a failure after the hook's decision point aborts instead of hanging ggml; the normal
@@ -134,7 +148,7 @@ $(ROOT)/build/native/make-moe-model: tests/tools/make-moe-model.c native-libs
 models: llama-portable $(ROOT)/build/make-moe-model
 	@scripts/models.sh
 
-test: setup llama-portable header-check lint harness greedy two-contexts models llama-linked fault-lib
+test: setup llama-portable header-check lint harness greedy two-contexts models llama-linked fault-lib greedy-vulkan
 	@scripts/test.sh all
 
 test-rust: source
@@ -145,6 +159,9 @@ test-c: harness
 
 test-e2e: lib llama-portable greedy two-contexts models llama-linked fault-lib
 	@scripts/test.sh e2e
+
+test-hybrid: lib greedy-vulkan models
+	@scripts/test.sh hybrid
 
 test-numa: lib llama-portable harness greedy models
 	@scripts/test.sh numa

@@ -3,6 +3,8 @@
 #   build/models/archs/  one random-weight model per MoE architecture llama.cpp supports
 #                        (its own test-llama-archs -o; 2 experts, both used)
 #   build/models/many/   many experts, few used, several quant types (tests/tools/make-moe-model)
+#   build/models/hybrid/ 4 layers, for the hybrid CPU+GPU tests (tests/e2e/hybrid.sh), where -ngl 2
+#                        and --n-cpu-moe 2 leave some layers' experts on the GPU and others not
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -35,4 +37,12 @@ if [ "$(cat "$M/many/.stamp" 2>/dev/null)" != "$stamp_many" ]; then
     gen e64u8-iq4_nl  --experts 64  --used 8 --ff 256 --type iq4_nl --seed 9
     echo "$stamp_many" > "$M/many/.stamp"
 fi
-echo "models: $(ls "$M"/archs/*.gguf | wc -l) architectures, $(ls "$M"/many/*.gguf | wc -l) many-expert models in $M"
+stamp_hybrid=$({ cat "$GEN"; sed -n '/^stamp_hybrid/,$p' "$root/scripts/models.sh"; echo "${SMALL_SHAPE[*]}"; } | sha256sum | cut -c1-16)
+if [ "$(cat "$M/hybrid/.stamp" 2>/dev/null)" != "$stamp_hybrid" ]; then
+    rm -rf "$M/hybrid"
+    mkdir -p "$M/hybrid"
+    # q4_0: a type CPU_REPACK repacks on x86, so the layout each configuration gets is checked too
+    "$GEN" --out "$M/hybrid/e32u4-q4_0-l4.gguf" "${SMALL_SHAPE[@]}" --layers 4 --experts 32 --used 4 --ff 256 --type q4_0 --seed 10 > /dev/null
+    echo "$stamp_hybrid" > "$M/hybrid/.stamp"
+fi
+echo "models: $(ls "$M"/archs/*.gguf | wc -l) architectures, $(ls "$M"/many/*.gguf | wc -l) many-expert models, $(ls "$M"/hybrid/*.gguf | wc -l) hybrid models in $M"

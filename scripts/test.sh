@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs numa-moe's test suites and prints each runner's summary line.
 #
-#   scripts/test.sh all | rust | c | e2e | numa
+#   scripts/test.sh all | rust | c | e2e | hybrid | numa
 #
 # `all` runs every suite even when one fails, then prints a summary of the suites and exits
 # non-zero if any failed. Expects `make llama-portable lib harness models` to have run (make test does).
@@ -101,6 +101,11 @@ suite_e2e() {
     return $rc
 }
 
+suite_hybrid() {
+    # a GPU backend in the process: ggml's Vulkan backend on Mesa's lavapipe (build/llama-vulkan)
+    tests/e2e/hybrid.sh
+}
+
 suite_numa() {
     tests/numa-vm/run-tests.sh
 }
@@ -121,12 +126,12 @@ results=()
 failed=0
 case "${1:-all}" in
     all)
-        for s in rust c e2e numa; do
+        for s in rust c e2e hybrid numa; do
             run_suite "$s"
         done
         ;;
-    rust | c | e2e | numa) run_suite "$1" ;;
-    *) echo "usage: $0 all|rust|c|e2e|numa" >&2; exit 2 ;;
+    rust | c | e2e | hybrid | numa) run_suite "$1" ;;
+    *) echo "usage: $0 all|rust|c|e2e|hybrid|numa" >&2; exit 2 ;;
 esac
 echo "=== summary"
 printf '%s\n' "${results[@]}"
