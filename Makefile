@@ -70,7 +70,7 @@ header-check: source
 
 $(ROOT)/build/c/harness: tests/c/harness.c include/numa_moe.h lib llama-portable
 	@mkdir -p build/c
-	$(CC) $(CFLAGS_T) -DEXPECTED_VERSION='"$(VERSION)"' -Iinclude -I$(GGML_INC) $< -o $@ \
+	$(CC) $(CFLAGS_T) -DEXPECTED_VERSION='"$(VERSION)"' -Iinclude -I$(GGML_INC) -I$(LLAMA_SRC)/ggml/src $< -o $@ \
 	    -L$(ROOT)/target/release -lnuma_moe -L$(LLAMA_BIN) -lggml-base -lggml-cpu -lggml \
 	    -Wl,-rpath,$(ROOT)/target/release:$(LLAMA_BIN) -lm
 

@@ -17,9 +17,7 @@
 #    include "repack.h"
 #endif
 
-#ifndef GGML_NUMA_MOE_LINKED
-#    include <dlfcn.h>
-#endif
+#include <dlfcn.h>
 
 namespace numa_moe_ggml {
 
@@ -153,6 +151,38 @@ static ggml::cpu::tensor_traits * stock_traits(const ggml_tensor *) {
 }
 #endif
 
+// What ggml's registered backends offer for pinning host memory: the first backend whose
+// proc address "ggml_backend_register_host_buffer" (and its inverse) exists, and a GPU device
+// whose backend has none. The registry (ggml_backend_reg_count/get) lives in libggml, which
+// links ggml-cpu rather than the other way round, so it is looked up in the process.
+static void host_registration(NumaMoeHostRegistration * out) {
+    *out = {};
+    using reg_count_t = size_t (*)(void);
+    using reg_get_t   = ggml_backend_reg_t (*)(size_t);
+    auto reg_count    = (reg_count_t) dlsym(RTLD_DEFAULT, "ggml_backend_reg_count");
+    auto reg_get      = (reg_get_t) dlsym(RTLD_DEFAULT, "ggml_backend_reg_get");
+    for (size_t i = 0; reg_count && reg_get && i < reg_count(); i++) {
+        ggml_backend_reg_t reg = reg_get(i);
+        auto reg_fn   = (bool (*)(void *, size_t)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_register_host_buffer");
+        auto unreg_fn = (void (*)(void *)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_unregister_host_buffer");
+        if (reg_fn && unreg_fn) {
+            if (!out->register_host) {
+                out->register_host   = reg_fn;
+                out->unregister_host = unreg_fn;
+                out->backend         = ggml_backend_reg_name(reg);
+            }
+            continue;
+        }
+        for (size_t d = 0; d < ggml_backend_reg_dev_count(reg) && !out->gpu_without; d++) {
+            ggml_backend_dev_t dev = ggml_backend_reg_dev_get(reg, d);
+            const auto         t   = ggml_backend_dev_type(dev);
+            if (t == GGML_BACKEND_DEVICE_TYPE_GPU || t == GGML_BACKEND_DEVICE_TYPE_IGPU) {
+                out->gpu_without = ggml_backend_dev_name(dev);
+            }
+        }
+    }
+}
+
 class tensor_traits : public ggml::cpu::tensor_traits {
   public:
     bool repacked = false;
@@ -236,6 +266,7 @@ static const attached & attach() {
         api.tiled_wdata_size     = tiled_wdata_size;
         api.mmid_tiled           = mmid_tiled;
         api.stock_repacks        = stock_repacks;
+        api.host_registration    = host_registration;
 #ifdef GGML_USE_CPU_REPACK
         api.repack_layout        = repack_layout;
         api.repack               = repack;

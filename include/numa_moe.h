@@ -201,6 +201,29 @@ typedef struct NumaMoeRepackLayout {
 } NumaMoeRepackLayout;
 
 /**
+ * A GPU backend's registration of host memory as pinned memory, as the adapter finds it among
+ * ggml's registered backends (each backend's proc address `ggml_backend_register_host_buffer`).
+ */
+typedef struct NumaMoeHostRegistration {
+  /**
+   * ggml_backend_register_host_buffer(ptr, size) of the first backend that offers it, or NULL.
+   */
+  bool (*register_host)(void*, size_t);
+  /**
+   * That backend's ggml_backend_unregister_host_buffer(ptr), or NULL.
+   */
+  void (*unregister_host)(void*);
+  /**
+   * That backend's name (ggml_backend_reg_name), or NULL.
+   */
+  const char *backend;
+  /**
+   * A GPU device whose backend offers no registration (ggml_backend_dev_name), or NULL.
+   */
+  const char *gpu_without;
+} NumaMoeHostRegistration;
+
+/**
  * The ggml functions numa-moe calls, handed over by the adapter compiled into ggml-cpu.
  * ggml objects travel as `void *` so this header does not depend on ggml's.
  */
@@ -277,6 +300,11 @@ typedef struct NumaMoeGgmlApi {
    * tensor header (a ggml_tensor whose data is the destination), repacked. 0 on success.
    */
   int32_t (*repack)(void*, const void*, size_t);
+  /**
+   * Fills in what ggml's registered backends offer for pinning host memory; NULL where the
+   * adapter cannot see ggml's backend registry.
+   */
+  void (*host_registration)(struct NumaMoeHostRegistration*);
 } NumaMoeGgmlApi;
 
 /**

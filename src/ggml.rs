@@ -60,6 +60,82 @@ pub struct NumaMoeGgmlApi {
     /// CPU_REPACK's conversion: writes `size` bytes of standard-layout data, described by the
     /// tensor header (a ggml_tensor whose data is the destination), repacked. 0 on success.
     pub repack: Option<unsafe extern "C" fn(*mut c_void, *const c_void, usize) -> i32>,
+    /// Fills in what ggml's registered backends offer for pinning host memory; NULL where the
+    /// adapter cannot see ggml's backend registry.
+    pub host_registration: Option<unsafe extern "C" fn(*mut NumaMoeHostRegistration)>,
+}
+
+/// A GPU backend's registration of host memory as pinned memory, as the adapter finds it among
+/// ggml's registered backends (each backend's proc address `ggml_backend_register_host_buffer`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NumaMoeHostRegistration {
+    /// ggml_backend_register_host_buffer(ptr, size) of the first backend that offers it, or NULL.
+    pub register_host: Option<unsafe extern "C" fn(*mut c_void, usize) -> bool>,
+    /// That backend's ggml_backend_unregister_host_buffer(ptr), or NULL.
+    pub unregister_host: Option<unsafe extern "C" fn(*mut c_void)>,
+    /// That backend's name (ggml_backend_reg_name), or NULL.
+    pub backend: *const c_char,
+    /// A GPU device whose backend offers no registration (ggml_backend_dev_name), or NULL.
+    pub gpu_without: *const c_char,
+}
+
+/// What the GPU backends in the process offer for pinning numa-moe's host memory.
+#[derive(Clone, Debug, Default)]
+pub struct HostRegistrar {
+    /// The backend that registers host memory (ggml-cuda at the pin), if any.
+    pub backend: Option<String>,
+    /// A GPU device that cannot (its backend offers no registration), if any.
+    pub gpu_without: Option<String>,
+    register: Option<RegisterHost>,
+    unregister: Option<UnregisterHost>,
+}
+
+/// ggml_backend_register_host_buffer(ptr, size) and its inverse.
+pub type RegisterHost = unsafe extern "C" fn(*mut c_void, usize) -> bool;
+pub type UnregisterHost = unsafe extern "C" fn(*mut c_void);
+
+impl HostRegistrar {
+    pub fn new(
+        backend: Option<String>,
+        gpu_without: Option<String>,
+        register: Option<RegisterHost>,
+        unregister: Option<UnregisterHost>,
+    ) -> Self {
+        HostRegistrar { backend, gpu_without, register, unregister }
+    }
+
+    /// Whether a backend registers host memory.
+    pub fn available(&self) -> bool {
+        self.register.is_some() && self.unregister.is_some()
+    }
+
+    /// Registers `len` bytes at `ptr` as pinned host memory; false when the backend declines.
+    ///
+    /// # Safety
+    /// `ptr..ptr + len` must be mapped memory of this process that stays mapped until
+    /// [`HostRegistrar::unregister`] is called with `ptr`.
+    pub unsafe fn register(&self, ptr: *mut u8, len: usize) -> bool {
+        // SAFETY: per this function's contract; the backend only pins the range.
+        self.register.is_some_and(|f| unsafe { f(ptr.cast(), len) })
+    }
+
+    /// Undoes a successful [`HostRegistrar::register`] of `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must have been registered by this registrar and still be mapped.
+    pub unsafe fn unregister(&self, ptr: *mut u8) {
+        if let Some(f) = self.unregister {
+            // SAFETY: per this function's contract.
+            unsafe { f(ptr.cast()) }
+        }
+    }
+}
+
+/// A NUL-terminated string from ggml (a backend's or device's name), or None for NULL.
+fn ggml_string(p: *const c_char) -> Option<String> {
+    // SAFETY: ggml's names are NUL-terminated strings that live as long as their backend.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
 /// ggml-cpu's gemv/gemm kernels for repacked weights (ggml-cpu/repack.h): `n` columns,
@@ -268,6 +344,20 @@ impl Api {
         t.view_src = std::ptr::null_mut();
         // SAFETY: t describes exactly the bytes at dest (this function's contract).
         unsafe { f((&mut t as *mut raw::ggml_tensor).cast(), data.as_ptr().cast(), data.len()) == 0 }
+    }
+
+    /// What the GPU backends registered with ggml now offer for pinning host memory.
+    pub fn host_registrar(&self) -> HostRegistrar {
+        let Some(f) = self.0.host_registration else { return HostRegistrar::default() };
+        let mut r = NumaMoeHostRegistration {
+            register_host: None,
+            unregister_host: None,
+            backend: std::ptr::null(),
+            gpu_without: std::ptr::null(),
+        };
+        // SAFETY: the adapter only writes the struct it is given.
+        unsafe { f(&mut r) };
+        HostRegistrar::new(ggml_string(r.backend), ggml_string(r.gpu_without), r.register_host, r.unregister_host)
     }
 
     /// Creates a ggml buffer object (ggml owns and frees it; `free_buffer` gets `context`,

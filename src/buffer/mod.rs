@@ -4,7 +4,8 @@
 //!
 //! Placing a tensor is three steps, each in its own module: [`budget`] (reserve its bytes
 //! per node), [`binding`] (mbind the primary's extents), [`replicas`] (make and bind the
-//! extra copies and keep them current). What the user is told lives in [`crate::report`].
+//! extra copies and keep them current); with a GPU backend that pins host memory, a fourth
+//! ([`pinning`]) registers it. What the user is told lives in [`crate::report`].
 //!
 //! Tensors that are not planned (anything but a stacked expert tensor the map places) are
 //! plain host memory and pass through unchanged. Reads return exactly what was written, for
@@ -14,6 +15,7 @@
 pub mod binding;
 pub mod budget;
 pub mod coverage;
+pub mod pinning;
 pub mod replicas;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,9 +25,11 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::{OnError, Runtime};
 use crate::error::{Error, ErrorCode};
+use crate::ggml::HostRegistrar;
 use crate::memory::{self, PageReport, Region};
 use crate::placement::{self, Binding, ExpertTensor, Piece, PlanOptions, TensorPlan};
 use crate::topology::format_gib;
+use pinning::Pinning;
 use replicas::Replicas;
 
 /// How many pages of expert memory the load-time check asks the kernel about at most.
@@ -105,6 +109,8 @@ pub struct NumaBuffer {
     region: Region,
     /// Whether its expert tensors hold CPU_REPACK's layouts (the repacked buffer type).
     repacked: bool,
+    /// Registration with a GPU backend as pinned host memory (standard layout only).
+    pinning: Option<Pinning>,
     placed: RwLock<Vec<Arc<PlacedTensor>>>,
     reserved: Mutex<Vec<(u32, u64)>>,
     reported: AtomicBool,
@@ -112,7 +118,9 @@ pub struct NumaBuffer {
 }
 
 impl NumaBuffer {
-    pub fn new(rt: &Runtime, size: usize, repacked: bool) -> Result<Self, Error> {
+    /// A buffer of `size` bytes; `registrar`: what GPU backends offer for pinning it (the
+    /// standard layout's buffers only, which a GPU may copy from).
+    pub fn new(rt: &Runtime, size: usize, repacked: bool, registrar: Option<HostRegistrar>) -> Result<Self, Error> {
         let s = rt.settings();
         let align = if s.huge_pages { 2 << 20 } else { crate::sys::page_size() };
         let region = Region::new(size, align).map_err(|e| {
@@ -126,6 +134,7 @@ impl NumaBuffer {
         Ok(NumaBuffer {
             region,
             repacked,
+            pinning: registrar.filter(|_| !repacked).map(Pinning::new),
             placed: RwLock::new(Vec::new()),
             reserved: Mutex::new(Vec::new()),
             reported: AtomicBool::new(false),
@@ -143,6 +152,11 @@ impl NumaBuffer {
 
     pub fn repacked(&self) -> bool {
         self.repacked
+    }
+
+    /// Its registrations with a GPU backend, where it has a registrar.
+    pub fn pinning(&self) -> Option<&Pinning> {
+        self.pinning.as_ref()
     }
 
     /// Plans and binds a tensor at `offset` before any of its bytes is written: budget,
@@ -357,7 +371,13 @@ impl NumaBuffer {
     }
 
     pub fn placement_report(&self, rt: &Runtime) -> Vec<String> {
-        crate::report::placement(rt, &self.placed())
+        let placed = self.placed();
+        let mut lines = crate::report::placement(rt, &placed);
+        if !placed.is_empty() {
+            let cuda_switch_off = std::env::var_os("GGML_CUDA_REGISTER_HOST").is_none();
+            lines.extend(self.pinning.as_ref().and_then(|p| p.report(cuda_switch_off)));
+        }
+        lines
     }
 
     /// Where the pages of one planned tensor are (every copy), against its plan.

@@ -157,7 +157,11 @@ unsafe extern "C" fn buft_alloc_buffer(buft: *mut raw::ggml_backend_buffer_type,
             crate::log::error("numa-moe: stopping the load because of the expert map error above");
             return std::ptr::null_mut();
         }
-        let buf = match NumaBuffer::new(rt, size, buft == repack_buft()) {
+        // a GPU backend may copy from the standard layout's buffers (host memory): what it
+        // offers for pinning them (the backends are all registered by the time weights load)
+        let repacked = buft == repack_buft();
+        let registrar = (!repacked).then(|| api.host_registrar());
+        let buf = match NumaBuffer::new(rt, size, repacked, registrar) {
             Ok(b) => b,
             Err(e) => {
                 crate::log::error(&format!("numa-moe: {e}"));
@@ -214,6 +218,13 @@ unsafe extern "C" fn buf_free(b: *mut raw::ggml_backend_buffer) {
     boundary_value("free_buffer", (), || {
         // SAFETY: ggml calls free_buffer once; context is our Box.
         let nb = unsafe { Box::from_raw((*b).context as *mut NumaBuffer) };
+        if let Some((p, r)) = nb.pinning().and_then(|p| p.registrar().map(|r| (p, r))) {
+            for offset in p.take_registered() {
+                // SAFETY: registered by buf_init_tensor at this offset of the region, which is
+                // unmapped only when nb is dropped below.
+                unsafe { r.unregister(nb.base().wrapping_add(offset)) };
+            }
+        }
         if let Ok(rt) = crate::config::runtime() {
             nb.release(rt);
         }
@@ -250,8 +261,12 @@ unsafe extern "C" fn buf_init_tensor(b: *mut raw::ggml_backend_buffer, tensor: *
         let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return raw::GGML_STATUS_SUCCESS };
         // SAFETY: b is one of our live buffers.
         let buf = unsafe { numa_buffer(b) };
-        match buf.init_tensor(rt, &tensor_info(api, t, buf.repacked()), offset_in(buf, t)) {
-            Ok(()) => raw::GGML_STATUS_SUCCESS,
+        let offset = offset_in(buf, t);
+        match buf.init_tensor(rt, &tensor_info(api, t, buf.repacked()), offset) {
+            Ok(()) => {
+                pin(buf, offset);
+                raw::GGML_STATUS_SUCCESS
+            }
             Err(e) => {
                 crate::log::error(&format!("numa-moe: {e}"));
                 super::set_last_error(e.message);
@@ -259,6 +274,22 @@ unsafe extern "C" fn buf_init_tensor(b: *mut raw::ggml_backend_buffer, tensor: *
             }
         }
     })
+}
+
+/// Registers the tensor just placed at `offset` with the GPU backend that pins host memory,
+/// if there is one: after its extents are bound, so the pages registration faults in land on
+/// their planned nodes (buffer/pinning.rs).
+fn pin(buf: &NumaBuffer, offset: usize) {
+    let (Some(p), Some(placed)) = (buf.pinning(), buf.placed_at(offset)) else { return };
+    let Some(r) = p.registrar() else { return };
+    if p.is_registered(offset) {
+        return;
+    }
+    let bytes = placed.bytes();
+    // SAFETY: the tensor's bytes lie inside the buffer's region (init_tensor checked), which
+    // stays mapped until buf_free has unregistered them.
+    let ok = unsafe { r.register(buf.base().wrapping_add(offset), bytes) };
+    p.record(offset, bytes, ok);
 }
 
 unsafe extern "C" fn buf_memset_tensor(

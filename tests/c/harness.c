@@ -10,6 +10,7 @@
 #include "cpu_extra_bufts.h"
 
 #include "ggml-alloc.h"
+#include "ggml-backend-impl.h"  // a stand-in GPU backend for the pinning test
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml.h"
@@ -1218,6 +1219,198 @@ static void test_routing_counts_exactly(void) {
 }
 
 // ---------------------------------------------------------------------------------------
+// pinning with a GPU backend
+
+// A stand-in GPU backend, registered with ggml like ggml-cuda: one GPU device, FakeGPU0, and,
+// while g_fake.offer is set, the proc addresses "ggml_backend_register_host_buffer" and
+// "ggml_backend_unregister_host_buffer" (ggml-cuda's cudaHostRegister and cudaHostUnregister).
+static struct {
+    int    offer, accept;  // offer registration; accept a registration
+    int    registered, unregistered;
+    void * last;           // the last range registered
+    size_t last_size;
+    char   policy[32];     // the memory policy of the mapping that starts there, when registered
+} g_fake;
+
+// The memory policy /proc/self/numa_maps shows for the mapping that starts at `p` ("bind:0",
+// "default", ...; binding splits mappings at the extents it binds), or "" when none starts there.
+static void policy_at(const void * p, char out[32]) {
+    out[0]   = 0;
+    FILE * f = fopen("/proc/self/numa_maps", "r");
+    char   line[512], want[32];
+    snprintf(want, sizeof want, "%lx ", (unsigned long) (uintptr_t) p);
+    while (f && fgets(line, sizeof line, f)) {
+        if (strncmp(line, want, strlen(want)) == 0) {
+            sscanf(line + strlen(want), "%31s", out);
+            break;
+        }
+    }
+    if (f) {
+        fclose(f);
+    }
+}
+
+static bool fake_register(void * p, size_t size) {
+    g_fake.last      = p;
+    g_fake.last_size = size;
+    policy_at(p, g_fake.policy);
+    if (!g_fake.accept) {
+        return false;
+    }
+    // pinning faults every page in, as cudaHostRegister does
+    for (size_t o = 0; o < size; o += 4096) {
+        ((volatile uint8_t *) p)[o] = ((volatile uint8_t *) p)[o];
+    }
+    g_fake.registered++;
+    return true;
+}
+
+static void fake_unregister(void * p) {
+    CHECK(p == g_fake.last, "unregistered %p, registered %p", p, g_fake.last);
+    g_fake.unregistered++;
+}
+
+static const char * fake_reg_name(ggml_backend_reg_t reg) {
+    (void) reg;
+    return "FakeGPU";
+}
+
+static const char * fake_dev_name(ggml_backend_dev_t dev) {
+    (void) dev;
+    return "FakeGPU0";
+}
+
+static enum ggml_backend_dev_type fake_dev_type(ggml_backend_dev_t dev) {
+    (void) dev;
+    return GGML_BACKEND_DEVICE_TYPE_GPU;
+}
+
+static struct ggml_backend_device g_fake_dev;
+
+static size_t fake_dev_count(ggml_backend_reg_t reg) {
+    (void) reg;
+    return 1;
+}
+
+static ggml_backend_dev_t fake_dev_get(ggml_backend_reg_t reg, size_t i) {
+    (void) reg;
+    return i == 0 ? &g_fake_dev : NULL;
+}
+
+static void * fake_proc(ggml_backend_reg_t reg, const char * name) {
+    (void) reg;
+    if (g_fake.offer && strcmp(name, "ggml_backend_register_host_buffer") == 0) {
+        return (void *) fake_register;
+    }
+    if (g_fake.offer && strcmp(name, "ggml_backend_unregister_host_buffer") == 0) {
+        return (void *) fake_unregister;
+    }
+    return NULL;
+}
+
+static struct ggml_backend_reg g_fake_reg = {
+    .api_version = GGML_BACKEND_API_VERSION,
+    .iface       = { .get_name = fake_reg_name, .get_device_count = fake_dev_count, .get_device = fake_dev_get, .get_proc_address = fake_proc },
+    .context     = NULL,
+};
+
+static char g_log[8192];
+
+static void quiet_log(enum ggml_log_level level, const char * text, void * user);
+
+static void capture_log(enum ggml_log_level level, const char * text, void * user) {
+    (void) level;
+    (void) user;
+    if (strncmp(text, "numa-moe", 8) == 0 && strlen(g_log) + strlen(text) < sizeof g_log) {
+        strcat(g_log, text);
+    }
+}
+
+// Allocates q8_0 experts (and a plain tensor) in `buft` under `rows`, writes them, and frees the
+// buffer; the log of the load report in g_log.
+static void pinning_round(ggml_backend_buffer_type_t buft, enum ggml_type type) {
+    g_log[0] = 0;
+    struct experts e;
+    if (!experts_alloc(&e, buft, "rows", type, 256, 64, 8)) {
+        CHECK(0, "allocation failed: %s", last_error());
+        return;
+    }
+    const size_t nb   = ggml_nbytes(e.w);
+    uint8_t *    data = malloc(nb);
+    for (size_t i = 0; i < nb; i++) {
+        data[i] = (uint8_t) (i * 7);
+    }
+    if (type == GGML_TYPE_Q4_0) {
+        for (size_t b = 0; b < nb; b += 18) {  // finite scales
+            data[b] = 0;
+            data[b + 1] = 0x3c;
+        }
+    }
+    ggml_backend_tensor_set(e.w, data, 0, nb);
+    float plain[51] = { 0 };
+    ggml_backend_tensor_set(e.plain, plain, 0, sizeof plain);
+    if (g_fake.registered && g_fake.last == e.w->data && !topology_is_described()) {
+        NumaMoePageReport rep;
+        CHECK(numa_moe_tensor_verify(e.w, &rep) == NUMA_MOE_RESULT_OK && rep.misplaced == 0, "%" PRIu64 " pages off their node", rep.misplaced);
+    }
+    free(data);
+    experts_free(&e);
+}
+
+// The standard layout's expert tensors are registered with a GPU backend that pins host memory
+// (ggml's scheduler copies them to the GPU for the batches it offloads): each once, after its
+// memory is bound (so the pages pinning faults in land on their node), unregistered when its
+// buffer is freed; repacked layouts, which no GPU copies, and plain tensors never. The load
+// report names a GPU that cannot pin, and a backend that declines.
+static void test_pinning_with_a_gpu_backend(void) {
+    static int registered_backend = 0;
+    if (!registered_backend) {
+        g_fake_dev = (struct ggml_backend_device) { .iface = { .get_name = fake_dev_name, .get_type = fake_dev_type }, .reg = &g_fake_reg };
+        ggml_backend_register(&g_fake_reg);
+        registered_backend = 1;
+    }
+    ggml_log_set(capture_log, NULL);
+    memset(&g_fake, 0, sizeof g_fake);
+
+    // a GPU whose backend offers no registration (Vulkan at the pin)
+    pinning_round(numa_moe_buft(), GGML_TYPE_Q8_0);
+    CHECK(strstr(g_log, "numa-moe: FakeGPU0 cannot register expert memory as pinned host memory (its backend offers no ggml_backend_register_host_buffer"),
+          "log: %s", g_log);
+
+    // a backend that registers
+    g_fake.offer = g_fake.accept = 1;
+    pinning_round(numa_moe_buft(), GGML_TYPE_Q8_0);
+    CHECK(g_fake.registered == 1, "%d registrations, want the one expert tensor", g_fake.registered);
+    CHECK(g_fake.unregistered == 1, "%d unregistrations at free, want 1", g_fake.unregistered);
+    CHECK(g_fake.last_size == (size_t) 256 / 32 * 34 * 64 * 8, "registered %zu bytes", g_fake.last_size);
+    if (!topology_is_described()) {
+        CHECK(strncmp(g_fake.policy, "bind:", 5) == 0, "memory policy when registered: '%s', want bind: registered before binding", g_fake.policy);
+    }
+    CHECK(strstr(g_log, "numa-moe: 1 expert tensors (") && strstr(g_log, "registered with FakeGPU as pinned host memory"), "log: %s", g_log);
+    CHECK(!strstr(g_log, "cannot register"), "log: %s", g_log);
+
+    // repacked layouts are not host memory: never registered
+    ggml_backend_buffer_type_t repack = numa_moe_repack_buft();
+    if (repack) {
+        g_fake.registered = g_fake.unregistered = 0;
+        pinning_round(repack, GGML_TYPE_Q4_0);
+        CHECK(g_fake.registered == 0 && g_fake.unregistered == 0, "repacked layout registered %d times", g_fake.registered);
+        CHECK(strstr(g_log, "repacked for CPU_REPACK's kernels") && !strstr(g_log, "pinned"), "log: %s", g_log);
+    }
+
+    // a backend that declines (ggml-cuda without GGML_CUDA_REGISTER_HOST)
+    g_fake.accept = 0;
+    g_fake.registered = g_fake.unregistered = 0;
+    pinning_round(numa_moe_buft(), GGML_TYPE_Q8_0);
+    CHECK(g_fake.unregistered == 0, "unregistered what was never registered");
+    CHECK(strstr(g_log, "numa-moe: FakeGPU did not register 1 of 1 expert tensors"), "log: %s", g_log);
+
+    g_fake.offer = 0;
+    ggml_log_set(quiet_log, NULL);
+    numa_moe_config_set_map("off");
+}
+
+// ---------------------------------------------------------------------------------------
 
 struct test {
     const char * name;
@@ -1250,6 +1443,7 @@ static const struct test k_tests[] = {
     { "numa_bad_maps", test_numa_bad_maps_name_absent_and_memoryless_nodes },
     { "numa_out_of_memory", test_numa_node_out_of_memory },
     { "numa_workers", test_numa_workers_run_on_their_node },
+    { "pinning", test_pinning_with_a_gpu_backend },  // last: it registers a stand-in GPU backend with ggml
 };
 
 static void quiet_log(enum ggml_log_level level, const char * text, void * user) {

@@ -73,6 +73,11 @@ check() {
         fail "$what: GPU weights differ: stock $(buffers "$ref.err" | grep Vulkan0), numa-moe $(buffers "$got.err" | grep Vulkan0)"
         return
     fi
+    # the standard layout is host memory a GPU copies from: say whether it can be pinned
+    if [ $repacked = 0 ] && ! grep -q "numa-moe: Vulkan0 cannot register expert memory as pinned host memory" "$got.err"; then
+        fail "$what: no word on pinning numa-moe's memory for Vulkan0"
+        return
+    fi
     # ggml offloads the prefill's expert matmuls to the GPU from a host buffer (numa-moe's
     # standard layout, as from stock's); repacked layouts stay on the CPU, as CPU_REPACK's do
     local slots decode=$(((N - 1) * USED))
