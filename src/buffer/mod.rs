@@ -304,27 +304,30 @@ impl NumaBuffer {
     /// Copies the primary's bytes `offset..offset + len` into the replicas of the tensors
     /// they belong to, and records them as written.
     fn copy_to_replicas(&self, offset: usize, len: usize) {
-        for p in self.overlapping(offset, offset + len) {
+        self.each_replica_span(offset, len, |r, p, at, n| r.copy_from(at as usize, &self.region, p.offset + at as usize, n as usize));
+    }
+
+    /// Calls `span(replica, tensor, offset in the tensor, length)` for every replica extent of
+    /// every planned tensor overlapping the buffer's bytes `offset..offset + len`, and records
+    /// those bytes as written to every copy. Returns whether any planned tensor overlapped.
+    fn each_replica_span(&self, offset: usize, len: usize, mut span: impl FnMut(&Region, &PlacedTensor, u64, u64)) -> bool {
+        let overlapping = self.overlapping(offset, offset + len);
+        for p in &overlapping {
             let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
             let range = (s - p.offset) as u64..(e - p.offset) as u64;
-            p.replicas.for_each_span(&p.plan, range.clone(), |r, at, n| {
-                r.copy_from(at as usize, &self.region, p.offset + at as usize, n as usize)
-            });
+            p.replicas.for_each_span(&p.plan, range.clone(), |r, at, n| span(r, p, at, n));
             p.replicas.record_write(range);
         }
+        !overlapping.is_empty()
     }
 
     fn write_copies(&self, rt: &Runtime, offset: usize, data: &[u8]) {
         self.region.write(offset, data);
-        let len = data.len();
-        for p in self.overlapping(offset, offset + len) {
-            let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
-            let range = (s - p.offset) as u64..(e - p.offset) as u64;
-            p.replicas.for_each_span(&p.plan, range.clone(), |r, at, n| {
-                let from = p.offset + at as usize - offset;
-                r.write(at as usize, &data[from..from + n as usize]);
-            });
-            p.replicas.record_write(range);
+        let placed = self.each_replica_span(offset, data.len(), |r, p, at, n| {
+            let from = p.offset + at as usize - offset;
+            r.write(at as usize, &data[from..from + n as usize]);
+        });
+        if placed {
             self.report_once(rt);
         }
     }
@@ -337,12 +340,7 @@ impl NumaBuffer {
     /// Sets `len` bytes at `offset` to `value`, in every copy.
     pub fn fill(&self, offset: usize, len: usize, value: u8) {
         self.region.fill(offset, len, value);
-        for p in self.overlapping(offset, offset + len) {
-            let (s, e) = (offset.max(p.offset), (offset + len).min(p.offset + p.bytes()));
-            let range = (s - p.offset) as u64..(e - p.offset) as u64;
-            p.replicas.for_each_span(&p.plan, range.clone(), |r, at, n| r.fill(at as usize, n as usize, value));
-            p.replicas.record_write(range);
-        }
+        self.each_replica_span(offset, len, |r, _, at, n| r.fill(at as usize, n as usize, value));
     }
 
     /// Brings the replicas of `p` up to date before its first compute (see [`replicas`]).

@@ -307,8 +307,6 @@ fn chunks(
         if n == 0 {
             continue;
         }
-        // Repacked layouts: 64 rows (whole interleaved groups; pieces start on one), one gemv
-        // per token each, whatever the token count (16-row chunks measured no faster there)
         let group = row_group.max(1);
         for p in pieces.iter().filter(mine) {
             // Repacked layouts: each piece in `split` (the group's threads) contiguous parts of

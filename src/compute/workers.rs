@@ -247,8 +247,7 @@ mod tests {
         // each thread computes its own node's pieces and its package neighbour's
         let topo = Topology::from_synthetic("package:2 numa:2 core:1 pu:1").unwrap();
         let a = assign(&topo, &[0, 2], &[0, 1, 2, 3]);
-        let per_group = |g: u32| a.group_of_node.values().filter(|&&x| x == g).count();
-        assert_eq!((per_group(0), per_group(2)), (2, 2), "{:?}", a.group_of_node);
+        assert_eq!((per_group_of(&a, 0), per_group_of(&a, 2)), (2, 2), "{:?}", a.group_of_node);
         // threads on nodes 0 and 1 (same package): nodes 2 and 3 are equally far from both
         // groups and are dealt one to each, never both to the lower id
         let a = assign(&topo, &[0, 1], &[0, 1, 2, 3]);

@@ -157,11 +157,9 @@ unsafe extern "C" fn buft_alloc_buffer(buft: *mut raw::ggml_backend_buffer_type,
             crate::log::error("numa-moe: stopping the load because of the expert map error above");
             return std::ptr::null_mut();
         }
-        // a GPU backend may copy from the standard layout's buffers (host memory): what it
-        // offers for pinning them (the backends are all registered by the time weights load)
-        let repacked = buft == repack_buft();
-        let registrar = (!repacked).then(|| api.host_registrar());
-        let buf = match NumaBuffer::new(rt, size, repacked, registrar) {
+        // what GPU backends offer for pinning host memory (all are registered by the time
+        // weights load); NumaBuffer uses it for the standard layout's buffers only
+        let buf = match NumaBuffer::new(rt, size, buft == repack_buft(), Some(api.host_registrar())) {
             Ok(b) => b,
             Err(e) => {
                 crate::log::error(&format!("numa-moe: {e}"));
@@ -463,12 +461,13 @@ fn supports_op(api: &'static Api, rt: &Runtime, op: TensorRef) -> bool {
     // llama.cpp's loader asks whether a weight may live in our buffer by building a dummy
     // op over it in an empty buffer of our type: no data yet. We take expert stacks only.
     let probing = (0..4).filter_map(|i| op.src(i)).any(|s| is_ours(s.buffer_type()) && s.data_addr() == 0);
-    let repacked = src0.buffer_type() == repack_buft() && !src0.buffer_type().is_null();
+    let in_repack = |t: TensorRef| !t.buffer_type().is_null() && t.buffer_type() == repack_buft();
+    let repacked = in_repack(src0);
     if !probing {
         // A graph node reading weights already in our buffer: ggml-cpu computes it (our hook,
         // or the stock kernel of the weights' layout). Repacked weights support what
         // CPU_REPACK's do for a stack: MUL_MAT_ID on F32 host activations.
-        if repacked || (0..4).filter_map(|i| op.src(i)).any(|s| s.buffer_type() == repack_buft() && !s.buffer_type().is_null()) {
+        if (0..4).filter_map(|i| op.src(i)).any(in_repack) {
             let Some(src1) = op.src(1) else { return false };
             return repacked
                 && op.op() == raw::GGML_OP_MUL_MAT_ID
