@@ -13,6 +13,7 @@
 //! - [`compute`]: node-bound kernels on ggml-cpu's threads (the routed mul_mat_id), the
 //!   work-buffer protocol and the worker layout
 //! - [`gguf`]: the tensor table of a model file, for `numa-moe plan`
+//! - [`weights`]: what a weight tensor is for (routed experts, attention, ...), by name
 //! - [`ffi`]: the C ABI
 
 pub mod buffer;
@@ -31,5 +32,6 @@ pub mod report;
 pub mod routing;
 pub mod sys;
 pub mod topology;
+pub mod weights;
 
 pub use ffi::NumaMoeResult;
