@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Writes the test models into build/models (idempotent; regenerated when the generators change).
-#   build/models/archs/  one random-weight model per MoE architecture llama.cpp supports
-#                        (its own test-llama-archs -o; 2 experts, both used)
+#   build/models/archs/  random-weight models of every architecture llama.cpp supports, MoE
+#                        (*-moe, 2 experts, both used) and dense (*-dense) (test-llama-archs -o)
 #   build/models/many/   many experts, few used, several quant types (tests/tools/make-moe-model)
 #   build/models/hybrid/ 4 layers, for the hybrid CPU+GPU tests (tests/e2e/hybrid.sh), where -ngl 2
 #                        and --n-cpu-moe 2 leave some layers' experts on the GPU and others not
@@ -13,7 +13,6 @@ if [ "$(cat "$M/archs/.stamp" 2>/dev/null)" != "$stamp_archs" ]; then
     rm -rf "$M/archs"
     mkdir -p "$M/archs"
     "$B/test-llama-archs" -o "$M/archs" > "$M/archs.log" 2>&1
-    rm -f "$M"/archs/*-dense.gguf
     echo "$stamp_archs" > "$M/archs/.stamp"
 fi
 

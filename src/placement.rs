@@ -99,15 +99,18 @@ pub fn stacked_expert(
 
 /// A 2-D weight matrix (attention, shared expert, dense FFN, output head: any weight a
 /// MUL_MAT multiplies), planned as one "expert" by the map's `dense=` rule: ggml's packed
-/// layout, shape `[cols, rows, 1, 1]`, at least one row of at least one byte, a known type and
+/// layout, shape `[cols, rows, 1, 1]`, named `*.weight` (llama.cpp probes scale tensors with
+/// their weight's op), at least two rows of at least one byte, a known type and
 /// a size that fits in 64 bits, and not one of the small weights left to llama.cpp
 /// ([`crate::weights::left_to_llama`]: norms, the router, the embeddings). Anything else is
 /// `None`.
 pub fn weight_matrix(name: &str, type_name: &str, ne: [u64; 4], row_bytes: Option<u64>, packed: bool) -> Option<ExpertTensor> {
     let [cols, rows, n2, n3] = ne;
     let row_bytes = row_bytes.filter(|&b| b > 0)?;
-    if crate::weights::left_to_llama(name) || !packed || n2 != 1 || n3 != 1 || rows < 1 || cols < 1 || rows.checked_mul(row_bytes).is_none()
-    {
+    // a weight (not a scale or bias tensor: llama.cpp probes those with their weight's op),
+    // of at least two rows (one row cannot be split)
+    let weight = name.ends_with(".weight") && !crate::weights::left_to_llama(name);
+    if !weight || !packed || n2 != 1 || n3 != 1 || rows < 2 || cols < 1 || rows.checked_mul(row_bytes).is_none() {
         return None;
     }
     Some(ExpertTensor {
@@ -819,13 +822,15 @@ mod tests {
 
     #[test]
     fn only_packed_two_dimensional_weights_are_matrices() {
-        assert!(weight_matrix("w", "f32", [8, 4, 1, 1], Some(32), true).is_some());
+        assert!(weight_matrix("w.weight", "f32", [8, 4, 1, 1], Some(32), true).is_some());
+        assert!(weight_matrix("blk.0.attn_q.scale", "f32", [1, 1, 1, 1], Some(4), true).is_none());
+        assert!(weight_matrix("blk.0.attn_q.weight", "f32", [8, 1, 1, 1], Some(32), true).is_none());
         assert!(weight_matrix("blk.0.ffn_gate_inp.weight", "f32", [8, 4, 1, 1], Some(32), true).is_none());
         assert!(weight_matrix("blk.0.attn_norm.weight", "f32", [8, 4, 1, 1], Some(32), true).is_none());
-        assert!(weight_matrix("w", "f32", [8, 4, 2, 1], Some(32), true).is_none());
-        assert!(weight_matrix("w", "f32", [8, 4, 1, 1], Some(32), false).is_none());
-        assert!(weight_matrix("w", "f32", [8, 4, 1, 1], None, true).is_none());
-        assert!(weight_matrix("w", "f32", [8, u64::MAX, 1, 1], Some(32), true).is_none());
+        assert!(weight_matrix("w.weight", "f32", [8, 4, 2, 1], Some(32), true).is_none());
+        assert!(weight_matrix("w.weight", "f32", [8, 4, 1, 1], Some(32), false).is_none());
+        assert!(weight_matrix("w.weight", "f32", [8, 4, 1, 1], None, true).is_none());
+        assert!(weight_matrix("w.weight", "f32", [8, u64::MAX, 1, 1], Some(32), true).is_none());
     }
     use crate::topology::Source;
 

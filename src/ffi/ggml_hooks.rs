@@ -470,8 +470,10 @@ pub unsafe extern "C" fn numa_moe_ggml_supports_op(op: *const c_void) -> bool {
 fn supports_op(api: &'static Api, rt: &Runtime, op: TensorRef) -> bool {
     let Some(src0) = op.src(0) else { return false };
     // llama.cpp's loader asks whether a weight may live in our buffer by building a dummy
-    // op over it in an empty buffer of our type: no data yet. We take expert stacks only.
-    let probing = (0..4).filter_map(|i| op.src(i)).any(|s| is_ours(s.buffer_type()) && s.data_addr() == 0);
+    // op over it in an empty buffer of our type: no data yet, and no name (every node of a
+    // graph has one: ggml names the unnamed "node_N"; graphs reserved over a model loaded
+    // without allocation, as llama.cpp's memory fitting does, also have weights without data).
+    let probing = op.name().is_empty() && (0..4).filter_map(|i| op.src(i)).any(|s| is_ours(s.buffer_type()) && s.data_addr() == 0);
     let in_repack = |t: TensorRef| !t.buffer_type().is_null() && t.buffer_type() == repack_buft();
     let repacked = in_repack(src0);
     if !probing {

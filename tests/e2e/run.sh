@@ -22,6 +22,7 @@ PROMPT="The quick brown fox jumps over the lazy dog"
 # numa-moe that computed the plain layout would match the wrong one.
 models=("$M"/archs/*-moe.gguf "$M"/many/*.gguf)
 skipped=()
+skipped_dense=()
 for model in "${models[@]}"; do
     name=$(basename "$model" .gguf)
     # test-llama-archs names some dense variants "-moe" (ernie4_5, paddleocr): nothing to place
@@ -38,7 +39,8 @@ for model in "${models[@]}"; do
     # whether stock put expert tensors in CPU_REPACK (its buffer line; llama.cpp lists them)
     stock_repacks=0
     grep -q "CPU_REPACK model buffer size" "$stock.err" && stock_repacks=1
-    runs=("host|rows" "two|rows" "two|block" "two|mirror" "two|interleave" "four|rows" "four|0:0+1,1:2,*:3" "two|rows|-nr" "four|mirror|-nr")
+    runs=("host|rows" "two|rows" "two|block" "two|mirror" "two|interleave" "four|rows" "four|0:0+1,1:2,*:3" "two|rows|-nr" "four|mirror|-nr"
+          "two|rows;dense=off" "two|block;dense=mirror" "host|rows;dense=rows")
     for run in "${runs[@]}"; do
         IFS='|' read -r machine map nr <<< "$run"
         case $machine in
@@ -46,7 +48,7 @@ for model in "${models[@]}"; do
             two) topo=$TWO ;;
             four) topo=$FOUR ;;
         esac
-        got=$OUT/$name.$machine.$(echo "$map" | tr ':,+*' '___x')${nr:+.nr}
+        got=$OUT/$name.$machine.$(echo "$map" | tr ':,+*;=@' '___x___')${nr:+.nr}
         extra=()
         ref=$stock
         [ -n "$nr" ] && extra=(--no-extra-bufts) && ref=$plain
@@ -56,6 +58,17 @@ for model in "${models[@]}"; do
         fi
         if ! grep -q "numa-moe: [0-9]* expert tensors" "$got.err"; then
             fail "$name [$machine, $map${nr:+, --no-repack}]: numa-moe placed no expert tensor"
+            continue
+        fi
+        # the other weight matrices: placed on a described machine unless dense=off, and by an
+        # explicit dense rule on this one
+        dense_want=1
+        [[ $machine == host && $map != *dense=rows* ]] && dense_want=0
+        [[ $map == *dense=off* ]] && dense_want=0
+        dense_got=0
+        grep -q "numa-moe: [0-9]* expert tensors .* and [0-9]* weight matrices" "$got.err" && dense_got=1
+        if [ $dense_got != $dense_want ]; then
+            fail "$name [$machine, $map${nr:+, --no-repack}]: weight matrices placed: $dense_got, expected $dense_want ($(grep -m1 'expert tensors' "$got.err"))"
             continue
         fi
         repacked=0
@@ -68,6 +81,36 @@ for model in "${models[@]}"; do
             pass
         else
             fail "$name [$machine, $map${nr:+, --no-repack}]: differs from stock${nr:+ --no-repack} at step $(cmp "$ref" "$got" | sed -n 's/.*line \([0-9]*\).*/\1/p')"
+        fi
+    done
+done
+
+# 1c. dense models (test-llama-archs' *-dense, and its "-moe" models without experts): every
+# weight matrix placed and computed node-local, tokens and logits equal to stock's
+for model in "$M"/archs/*-dense.gguf "${skipped[@]/#/$M/archs/}"; do
+    [[ $model == *.gguf ]] || model=$model.gguf
+    name=$(basename "$model" .gguf)
+    ref=$OUT/$name.dense-stock
+    if ! greedy stock off "$model" "$ref" 16; then
+        skipped_dense+=("$name")
+        continue
+    fi
+    for run in "two|rows" "four|rows" "two|rows;dense=mirror" "host|dense=rows"; do
+        IFS='|' read -r machine map <<< "$run"
+        case $machine in
+            host) topo=host ;;
+            two) topo=$TWO ;;
+            four) topo=$FOUR ;;
+        esac
+        got=$OUT/$name.dense.$machine.$(echo "$map" | tr ':,+*;=@' '___x___')
+        if ! greedy "$topo" "$map" "$model" "$got" 16; then
+            fail "$name [$machine, $map]: llama.cpp failed: $(grep -m2 -iE 'error|fail' "$got.err" | tr '\n' ' ')"
+        elif ! grep -q "and [0-9]* weight matrices" "$got.err"; then
+            fail "$name [$machine, $map]: numa-moe placed no weight matrix"
+        elif cmp -s "$ref" "$got"; then
+            pass
+        else
+            fail "$name [$machine, $map]: differs from stock at step $(cmp "$ref" "$got" | sed -n 's/.*line \([0-9]*\).*/\1/p')"
         fi
     done
 done
@@ -153,7 +196,8 @@ done
 model=$M/many/e64u8-q4_K.gguf
 plan=$("$CLI" plan --model "$model" --map rows --topology "package:2 numa:4 core:4 pu:1" --json 2>&1)
 bytes=$(echo "$plan" | sed -n 's/.*"expert_bytes":\([0-9]*\).*/\1/p')
-alloc=$(grep -m1 "NUMA_MOE\(_REPACK\)\? model buffer size" "$OUT/e64u8-q4_K.two.rows.err" | sed -n 's/.*= *\([0-9.]*\) MiB.*/\1/p')
+# (the run with dense=off: numa-moe's buffers then hold the experts alone)
+alloc=$(grep -m1 "NUMA_MOE\(_REPACK\)\? model buffer size" "$OUT/e64u8-q4_K.two.rows_dense_off.err" | sed -n 's/.*= *\([0-9.]*\) MiB.*/\1/p')
 if [ -n "$bytes" ] && [ -n "$alloc" ] && awk -v b="$bytes" -v a="$alloc" 'BEGIN { exit !(b / 1048576 - a < 0.01 && a - b / 1048576 < 0.01) }'; then
     pass
 else
@@ -240,5 +284,6 @@ for machine in stock two host; do
 done
 
 [ ${#skipped[@]} -gt 0 ] && echo "e2e: skipped ${skipped[*]} (no stacked expert tensors in the file)"
+[ ${#skipped_dense[@]} -gt 0 ] && echo "e2e: dense models stock llama.cpp cannot run here: ${skipped_dense[*]}"
 echo "e2e: $(( ${#models[@]} - ${#skipped[@]} )) MoE models compared"
 summary

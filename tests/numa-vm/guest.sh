@@ -19,7 +19,7 @@ $CLI topology
 
 # 1. the C harness: ABI, placement with real mbind (every page verified), bit-identical
 #    mul_mat_id with workers pinned per node, bad maps, a node out of memory
-tests="abi buffer mmid_decode mmid_batches numa_topology numa_bad_maps numa_out_of_memory numa_workers"
+tests="abi buffer mmid_decode mmid_batches mm_every_type mm_repacked locality_counters numa_topology numa_bad_maps numa_out_of_memory numa_workers"
 if [ "$NUMA_VM_SCENARIO" = taskset ]; then
     # only node 0's CPUs: nodes 1-3 hold experts but have no thread (computed by node 0)
     out=$(HARNESS_CPUS_RESTRICTED=1 taskset -c 0,1 "$H" $tests 2>&1)
@@ -71,6 +71,39 @@ for model in "$M/many/e32u4-q8_0.gguf" "$M/archs/qwen3moe-moe.gguf" "$M/many/e64
         done
     done
 done
+
+# 2b. the whole model node-local: a qwen3moe and a deepseek2 model (shared experts, a dense
+#     first layer, MLA attention) under the default map, every weight matrix placed, every page
+#     on its node, tokens and logits equal to stock's, and >= 99% of the weight bytes each
+#     decoded token reads read on their own node, per numa-moe's locality counters (exit
+#     report). One thread per node, kept there by llama.cpp's --numa distribute, so that every
+#     node has a thread of its own in these small guests.
+case "$NUMA_VM_SCENARIO" in
+    two-node | four-node)
+        nt=$(wc -l < /expect.txt)
+        for model in "$M/archs/qwen3moe-moe.gguf" "$M/archs/deepseek2-moe.gguf" "$M/many/e64u8-q4_K.gguf"; do
+            name=$(basename "$model" .gguf)
+            args="--threads $nt --numa distribute"
+            "$G" "$model" 8 "The quick brown fox" $args > /tmp/ref 2>/tmp/ref.err || { fail "$name [whole model]: stock run failed"; continue; }
+            if ! LD_PRELOAD=$LIB "$G" "$model" 8 "The quick brown fox" $args > /tmp/got 2>/tmp/got.err; then
+                fail "$name [whole model]: numa-moe run failed: $(grep -m2 -iE 'error|fatal' /tmp/got.err)"
+                continue
+            fi
+            local_pct=$(sed -n 's/.*weights read per decoded token: .*, \([0-9.]*\)% read on their own node.*/\1/p' /tmp/got.err | tail -1)
+            if ! cmp -s /tmp/ref /tmp/got; then
+                fail "$name [whole model]: tokens or logits differ from stock"
+            elif ! grep -q "and [0-9]* weight matrices" /tmp/got.err; then
+                fail "$name [whole model]: weight matrices not placed: $(grep -m1 'expert tensors' /tmp/got.err)"
+            elif ! grep -q "none off its planned node" /tmp/got.err; then
+                fail "$name [whole model]: pages not verified on their nodes: $(grep numa-moe /tmp/got.err | tail -2)"
+            elif [ -z "$local_pct" ] || ! awk -v p="$local_pct" 'BEGIN { exit !(p >= 99.0) }'; then
+                fail "$name [whole model]: ${local_pct:-no}% of the weight bytes read node-local: $(grep -A1 'weights read per' /tmp/got.err | tr '\n' ' ')"
+            else
+                pass "$name [whole model]: $local_pct% of each decoded token's weight bytes read on their own node, $(grep -o 'verified [0-9]* resident pages' /tmp/got.err)"
+            fi
+        done
+        ;;
+esac
 
 # 3. next to llama.cpp's own --numa distribute (ggml re-pins its threads at every compute;
 #    numa-moe must not fight it and takes each thread's node from getcpu) and --load-mode none

@@ -15,7 +15,7 @@ TIMEOUT=${NUMA_VM_TIMEOUT:-900}
 
 files=(
     "$root/build/c/harness" "$root/build/greedy" "$root/target/release/numa-moe" "$root/target/release/libnuma_moe.so"
-    "$root/build/models/many/e32u4-q8_0.gguf" "$root/build/models/archs/qwen3moe-moe.gguf"
+    "$root/build/models/many/e32u4-q8_0.gguf" "$root/build/models/archs/qwen3moe-moe.gguf" "$root/build/models/archs/deepseek2-moe.gguf"
     "$root/build/models/many/e64u8-q4_K.gguf" "$root/build/models/many/e32u4-mxfp4.gguf"
     "$root/build/llama/bin/llama-server" "$VM/guest-soak.sh"
 )
