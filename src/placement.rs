@@ -40,6 +40,12 @@ pub struct ExpertTensor {
 }
 
 impl ExpertTensor {
+    /// Whether the map's `dense=` rule places it: a weight matrix (one "expert"), or a stack
+    /// of per-head attention matrices (MLA's `attn_k_b`, `attn_v_b`), rather than routed experts.
+    pub fn is_dense(&self) -> bool {
+        self.n_expert == 1 || crate::weights::category_of(&self.name) == crate::weights::Category::Attention
+    }
+
     pub fn expert_bytes(&self) -> u64 {
         self.rows * self.row_bytes
     }
@@ -102,7 +108,7 @@ pub fn stacked_expert(
 /// layout, shape `[cols, rows, 1, 1]`, named `*.weight` (llama.cpp probes scale tensors with
 /// their weight's op), at least two rows of at least one byte, a known type and
 /// a size that fits in 64 bits, and not one of the small weights left to llama.cpp
-/// ([`crate::weights::left_to_llama`]: norms, the router, the embeddings). Anything else is
+/// ([`crate::weights::left_to_llama`]: norms, biases, the embeddings). Anything else is
 /// `None`.
 pub fn weight_matrix(name: &str, type_name: &str, ne: [u64; 4], row_bytes: Option<u64>, packed: bool) -> Option<ExpertTensor> {
     let [cols, rows, n2, n3] = ne;
@@ -122,6 +128,16 @@ pub fn weight_matrix(name: &str, type_name: &str, ne: [u64; 4], row_bytes: Optio
         row_bytes,
         row_group: 1,
     })
+}
+
+/// A stack of per-head attention matrices multiplied by one batched MUL_MAT (MLA's
+/// `attn_k_b`, `attn_v_b`: `[cols, rows, n_head, 1]`), planned like an expert stack whose
+/// "experts" are heads, by the map's `dense=` rule ([`ExpertTensor::is_dense`]).
+pub fn head_stack(name: &str, type_name: &str, ne: [u64; 4], row_bytes: Option<u64>, packed: bool) -> Option<ExpertTensor> {
+    if !name.ends_with(".weight") || crate::weights::category_of(name) != crate::weights::Category::Attention {
+        return None;
+    }
+    stacked_expert(name, type_name, ne, row_bytes, packed).ok().flatten()
 }
 
 /// The CPU features ggml-cpu's CPU_REPACK chooses its layouts by.
@@ -380,8 +396,9 @@ pub fn plan_tensor(topo: &Topology, map: &ExpertMap, tensor: &ExpertTensor, opts
         )));
     }
     let planner = Planner { topo, tensor, opts };
-    // a weight matrix outside the routed experts (one "expert"): the map's dense= rule
-    let resolved = if tensor.n_expert == 1 { map.resolve_dense() } else { map.resolve(tensor.layer, tensor.n_expert, &tensor.name)? };
+    // a weight matrix outside the routed experts (one "expert", or per-head attention
+    // matrices): the map's dense= rule
+    let resolved = if tensor.is_dense() { map.resolve_dense() } else { map.resolve(tensor.layer, tensor.n_expert, &tensor.name)? };
     match resolved {
         Resolved::Off => Ok(None),
         Resolved::Policy { policy, nodes } => {
@@ -821,11 +838,26 @@ mod tests {
     }
 
     #[test]
+    fn per_head_attention_stacks_follow_the_dense_rule() {
+        let two = Topology::from_spec("package:2 numa:1 core:4 pu:1").unwrap();
+        let opts = PlanOptions::default();
+        let k_b = head_stack("blk.3.attn_k_b.weight", "q8_0", [128, 512, 16, 1], Some(136), true).expect("a head stack");
+        assert!(k_b.is_dense() && k_b.n_expert == 16);
+        assert!(head_stack("blk.3.ffn_up_exps.weight", "q8_0", [128, 512, 16, 1], Some(136), true).is_none());
+        // every head's rows split, as the experts' under rows; off with the dense rule
+        let plan = plan_tensor(&two, &ExpertMap::parse("block").unwrap(), &k_b, &opts).unwrap().expect("placed");
+        assert_eq!(plan.kind, PlanKind::Policy(Policy::Rows));
+        assert_eq!(plan.pieces().len(), 32);
+        assert!(plan_tensor(&two, &ExpertMap::parse("block;dense=off").unwrap(), &k_b, &opts).unwrap().is_none());
+    }
+
+    #[test]
     fn only_packed_two_dimensional_weights_are_matrices() {
         assert!(weight_matrix("w.weight", "f32", [8, 4, 1, 1], Some(32), true).is_some());
         assert!(weight_matrix("blk.0.attn_q.scale", "f32", [1, 1, 1, 1], Some(4), true).is_none());
         assert!(weight_matrix("blk.0.attn_q.weight", "f32", [8, 1, 1, 1], Some(32), true).is_none());
-        assert!(weight_matrix("blk.0.ffn_gate_inp.weight", "f32", [8, 4, 1, 1], Some(32), true).is_none());
+        assert!(weight_matrix("blk.0.ffn_gate_inp.weight", "f32", [8, 4, 1, 1], Some(32), true).is_some());
+        assert!(weight_matrix("token_embd.weight", "f32", [8, 4, 1, 1], Some(32), true).is_none());
         assert!(weight_matrix("blk.0.attn_norm.weight", "f32", [8, 4, 1, 1], Some(32), true).is_none());
         assert!(weight_matrix("w.weight", "f32", [8, 4, 2, 1], Some(32), true).is_none());
         assert!(weight_matrix("w.weight", "f32", [8, 4, 1, 1], Some(32), false).is_none());

@@ -51,7 +51,7 @@ pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
         return Vec::new();
     }
     let s = rt.settings();
-    let (experts, matrices): (Vec<_>, Vec<_>) = placed.iter().partition(|p| p.plan.tensor.n_expert > 1);
+    let (matrices, experts): (Vec<_>, Vec<_>) = placed.iter().partition(|p| p.plan.tensor.is_dense());
     let total: u64 = experts.iter().map(|p| p.plan.tensor.bytes()).sum();
     let mut what = format!("{} expert tensors ({})", experts.len(), format_gib(total));
     if !matrices.is_empty() {
@@ -79,8 +79,8 @@ pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
     for l in loads.iter().filter(|l| l.bytes > 0) {
         let example = placed
             .iter()
-            .filter(|p| p.plan.tensor.n_expert > 1)
-            .chain(placed.iter().filter(|p| p.plan.tensor.n_expert == 1))
+            .filter(|p| !p.plan.tensor.is_dense())
+            .chain(placed.iter().filter(|p| p.plan.tensor.is_dense()))
             .find(|p| p.plan.pieces().iter().any(|x| x.node == l.node));
         let share =
             example.map(|p| format!(", {}: {}", short_name(&p.plan.tensor.name), p.plan.describe_share(l.node))).unwrap_or_default();

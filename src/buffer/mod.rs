@@ -61,11 +61,13 @@ impl TensorInfo {
         Some(ExpertTensor { row_group: self.row_group.max(1), ..t })
     }
 
-    /// The planner's description, if this is a 2-D weight matrix (one "expert", planned by
-    /// the map's dense= rule).
+    /// The planner's description, if this is a 2-D weight matrix (one "expert") or a stack of
+    /// per-head attention matrices, planned by the map's dense= rule.
     pub fn matrix(&self) -> Option<ExpertTensor> {
         let ne = self.ne.map(|n| u64::try_from(n).unwrap_or(0));
-        let t = placement::weight_matrix(&self.name, &self.type_name, ne, Some(self.nb[1] as u64), self.packed)?;
+        let rb = Some(self.nb[1] as u64);
+        let t = placement::weight_matrix(&self.name, &self.type_name, ne, rb, self.packed)
+            .or_else(|| placement::head_stack(&self.name, &self.type_name, ne, rb, self.packed))?;
         Some(ExpertTensor { row_group: self.row_group.max(1), ..t })
     }
 

@@ -49,8 +49,8 @@ impl MmOp {
         let (nb1, nbd) = (src1.nb(), dst.nb());
         let positive = [ne0, ne1, ned].iter().all(|ne| ne.iter().all(|&n| n >= 1));
         let shaped = positive
-            && ne0[2] == 1
             && ne0[3] == 1
+            && ne1[2] % ne0[2] == 0
             && ned[0] == ne0[1]
             && ned[1] == ne1[1]
             && ned[2] == ne1[2]
@@ -71,7 +71,7 @@ impl MmOp {
         let vec_dot;
         if let Some(l) = repack {
             // CPU_REPACK: F32 activations of at most three dimensions, whole row groups
-            if src1.ty() != raw::GGML_TYPE_F32 || ne1[3] != 1 || ne0[1] % l.nb_cols as i64 != 0 {
+            if src1.ty() != raw::GGML_TYPE_F32 || ne0[2] != 1 || ne1[3] != 1 || ne0[1] % l.nb_cols as i64 != 0 {
                 return None;
             }
             if ne1[1] > 3 && (l.gemm.is_none() || l.quantize_mat.is_none()) {
@@ -110,6 +110,17 @@ impl MmOp {
     pub fn columns(&self) -> i64 {
         let ne = self.src1.ne();
         ne[1] * ne[2] * ne[3]
+    }
+
+    /// Weight matrices in the stack (1, or the heads of a per-head attention stack).
+    pub fn heads(&self) -> usize {
+        self.src0.ne()[2] as usize
+    }
+
+    /// Activation columns each weight matrix of the stack multiplies (stock broadcasts
+    /// matrix `i02` over planes `i02 * r2 .. (i02 + 1) * r2`).
+    pub fn columns_per_head(&self) -> i64 {
+        self.columns() / self.heads() as i64
     }
 
     /// Columns per plane (tokens of a batch).
@@ -220,19 +231,19 @@ impl MmOp {
 
     /// Phase B: output rows `rows` for every activation column, reading the weights of the
     /// copy at `base` (whole interleaved groups for repacked layouts).
-    pub fn compute_rows(&self, w: &Work, base: *const u8, rows: Range<i64>) {
-        if rows.is_empty() {
+    pub fn compute_rows(&self, w: &Work, base: *const u8, head: usize, rows: Range<i64>) {
+        if rows.is_empty() || head >= self.heads() {
             return;
         }
         match self.repack {
             Some(l) => self.gemm_rows(w, &l, base, rows),
-            None => self.dot_rows(w, base, rows),
+            None => self.dot_rows(w, base, head, rows),
         }
     }
 
     /// ggml_compute_forward_mul_mat_one_chunk on rows `rows`: vec_dot of each weight row with
     /// each activation column, blocked 16 x 16 as stock blocks it.
-    fn dot_rows(&self, w: &Work, base: *const u8, rows: Range<i64>) {
+    fn dot_rows(&self, w: &Work, base: *const u8, head: usize, rows: Range<i64>) {
         let Some(vec_dot) = self.vec_dot else { return };
         let ne00 = self.src0.ne()[0] as i32;
         let nb01 = self.src0.nb()[1];
@@ -243,7 +254,10 @@ impl MmOp {
         let contiguous_or_converted = converted || self.src1.is_contiguous_rows();
         let act = if converted { w.at(w.layout.converted) as *const u8 } else { self.src1.data_ptr() as *const u8 };
         let dst = self.dst.data_ptr();
-        let nr1 = self.columns();
+        // the columns of this head's matrix: planes head * r2 .. (head + 1) * r2 of every i13
+        let r2 = ne1[2] / self.heads() as i64;
+        let base = base.wrapping_add(head * self.src0.nb()[2]);
+        let nr1 = self.columns_per_head();
         const BLK: i64 = 16;
         let mut tmp = [0f32; BLK as usize];
         let mut c0 = 0;
@@ -253,9 +267,9 @@ impl MmOp {
             while r0 < rows.end {
                 let r1 = (r0 + BLK).min(rows.end);
                 for c in c0..c1 {
-                    let i13 = c / (ne1[2] * ne1[1]);
-                    let i12 = (c - i13 * ne1[2] * ne1[1]) / ne1[1];
-                    let i11 = c - i13 * ne1[2] * ne1[1] - i12 * ne1[1];
+                    let i11 = c % ne1[1];
+                    let i12 = head as i64 * r2 + (c / ne1[1]) % r2;
+                    let i13 = c / (ne1[1] * r2);
                     let col = if contiguous_or_converted {
                         act.wrapping_add((i11 + i12 * ne1[1] + i13 * ne1[2] * ne1[1]) as usize * self.row_size)
                     } else {

@@ -109,8 +109,10 @@ pub fn run(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Plac
 /// Step 0 for a MUL_MAT over a placed weight matrix: as [`decide`].
 pub fn decide_mm(op: &MmOp, placed: &PlacedTensor, params: &NumaMoeComputeParams) -> Option<Work> {
     let t = &placed.plan.tensor;
-    let ok_plan =
-        placed.by_expert.len() == 1 && t.n_expert == 1 && t.rows == op.src0.ne()[1] as u64 && t.row_bytes == op.src0.nb()[1] as u64;
+    let ok_plan = placed.by_expert.len() == op.heads()
+        && t.n_expert as usize == op.heads()
+        && t.rows == op.src0.ne()[1] as u64
+        && t.row_bytes == op.src0.nb()[1] as u64;
     let work = if ok_plan { Work::new(params, op.layout(params.nth.max(1) as usize)) } else { None };
     if work.is_none() && params.ith == 0 {
         OPS_DECLINED.fetch_add(1, Ordering::Relaxed);
@@ -146,7 +148,7 @@ fn phases_mm(rt: &Runtime, api: &Api, op: &MmOp, buf: &NumaBuffer, placed: &Plac
     let (group, _rank, size, slot) = a.of_thread(ith);
     let primary = op.src0.data_ptr() as *const u8;
     let mine = |p: &&Piece| a.group_of_node.get(&p.node) == Some(&group);
-    let columns = op.columns();
+    let columns = op.columns_per_head();
     let items = chunks(&placed.by_expert, |_| columns as usize, &mine, &[], op.row_group(), size);
     debug_assert!(slot < nth);
     let count = locality::enabled();
@@ -154,8 +156,8 @@ fn phases_mm(rt: &Runtime, api: &Api, op: &MmOp, buf: &NumaBuffer, placed: &Plac
     let row_bytes = placed.plan.tensor.row_bytes;
     loop {
         let i = work.claim(slot);
-        let Some(&(_, ref rows, copy, node)) = items.get(i) else { break };
-        op.compute_rows(work, placed.copy_base(primary, copy), rows.clone());
+        let Some(&(head, ref rows, copy, node)) = items.get(i) else { break };
+        op.compute_rows(work, placed.copy_base(primary, copy), head, rows.clone());
         if count {
             tally.read(group, node, (rows.end - rows.start) as u64 * row_bytes);
         }

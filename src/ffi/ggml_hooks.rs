@@ -445,8 +445,8 @@ fn hooked_op(api: &'static Api, op: TensorRef) -> Option<(&'static NumaBuffer, s
     }
     let layout = if buf.repacked() { Some(api.repack_layout(op.src(0)?)?) } else { None };
     let hooked = match op.op() {
-        raw::GGML_OP_MUL_MAT_ID if placed.plan.tensor.n_expert > 1 => Hooked::Mmid(MmidOp::new(api, op, layout)?),
-        raw::GGML_OP_MUL_MAT if placed.plan.tensor.n_expert == 1 => Hooked::Mm(MmOp::new(api, op, layout)?),
+        raw::GGML_OP_MUL_MAT_ID if !placed.plan.tensor.is_dense() => Hooked::Mmid(MmidOp::new(api, op, layout)?),
+        raw::GGML_OP_MUL_MAT if placed.plan.tensor.is_dense() => Hooked::Mm(MmOp::new(api, op, layout)?),
         _ => return None,
     };
     Some((buf, placed, hooked))

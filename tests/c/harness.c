@@ -674,6 +674,8 @@ static void test_mmid_repacked_layouts(void) {
 struct mm_case {
     enum ggml_type type;
     int64_t        n_embd, n_out, n_tokens;
+    int64_t        n_head;  // > 1: a stack of per-head matrices (MLA's attn_k_b), activations
+                            // [n_embd, n_tokens, n_head] permuted from [n_embd, n_head, n_tokens]
 };
 
 // Computes out = W x act with W in `buft` (under `map`, NULL: none), `n_threads` threads; also
@@ -686,8 +688,9 @@ static float * run_mm(const struct mm_case * c, ggml_backend_buffer_type_t buft,
     }
     struct ggml_init_params wp = { ggml_tensor_overhead(), NULL, true };
     struct ggml_context *   wctx = ggml_init(wp);
-    struct ggml_tensor *    w    = ggml_new_tensor_2d(wctx, c->type, c->n_embd, c->n_out);
-    ggml_set_name(w, "blk.0.attn_q.weight");
+    const int64_t           nh   = c->n_head > 1 ? c->n_head : 1;
+    struct ggml_tensor *    w    = ggml_new_tensor_3d(wctx, c->type, c->n_embd, c->n_out, nh);
+    ggml_set_name(w, nh > 1 ? "blk.0.attn_k_b.weight" : "blk.0.attn_q.weight");
     ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft);
     float *               res  = NULL;
     if (wbuf) {
@@ -699,9 +702,9 @@ static float * run_mm(const struct mm_case * c, ggml_backend_buffer_type_t buft,
         }
         struct ggml_init_params ip  = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
         struct ggml_context *   ctx = ggml_init(ip);
-        struct ggml_tensor *    b   = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c->n_embd, c->n_tokens);
+        struct ggml_tensor *    b   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, nh, c->n_tokens);
         memcpy(b->data, act, ggml_nbytes(b));
-        struct ggml_tensor * out = ggml_mul_mat(ctx, w, b);
+        struct ggml_tensor * out = ggml_mul_mat(ctx, w, nh > 1 ? ggml_permute(ctx, b, 0, 2, 1, 3) : ggml_reshape_2d(ctx, b, c->n_embd, c->n_tokens));
         struct ggml_cgraph * gf  = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, out);
         ggml_backend_t be = ggml_backend_cpu_init();
@@ -737,14 +740,15 @@ static void mm_identical(const struct mm_case * c, const int * threads, ggml_bac
                          int repacked) {
     struct ggml_init_params ip   = { ggml_tensor_overhead(), NULL, true };
     struct ggml_context *   meta = ggml_init(ip);
-    struct ggml_tensor *    wt   = ggml_new_tensor_3d(meta, c->type, c->n_embd, c->n_out, 1);
+    const int64_t           nh   = c->n_head > 1 ? c->n_head : 1;
+    struct ggml_tensor *    wt   = ggml_new_tensor_3d(meta, c->type, c->n_embd, c->n_out, nh);
     uint8_t *               wbytes = malloc(ggml_nbytes(wt));
     fill_weights(wt, wbytes);
-    float * act = malloc(sizeof(float) * c->n_embd * c->n_tokens);
-    for (int64_t i = 0; i < c->n_embd * c->n_tokens; i++) {
+    float * act = malloc(sizeof(float) * c->n_embd * c->n_tokens * nh);
+    for (int64_t i = 0; i < c->n_embd * c->n_tokens * nh; i++) {
         act[i] = rnd_normal();
     }
-    const size_t out_bytes = sizeof(float) * c->n_out * c->n_tokens;
+    const size_t out_bytes = sizeof(float) * c->n_out * c->n_tokens * nh;
     const char * const * maps = dense_maps();
     for (int ti = 0; threads[ti]; ti++) {
         uint64_t hooked = 0;
@@ -782,10 +786,23 @@ static void test_mm_every_type(void) {
     const int threads[] = { 1, 2, 3, 4, 0 };
     for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++) {
         const struct mm_case cases[] = {
-            { k_types[i], 512, 200, 1 },
-            { k_types[i], 256, 64, 1 },
-            { k_types[i], 256, 96, 9 },
+            { k_types[i], 512, 200, 1, 0 },
+            { k_types[i], 256, 64, 1, 0 },
+            { k_types[i], 256, 96, 9, 0 },
         };
+        for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+            mm_identical(&cases[k], threads, ggml_backend_cpu_buffer_type(), numa_moe_buft(), 0);
+        }
+    }
+}
+
+// MLA's per-head matrices (attn_k_b, attn_v_b): one batched MUL_MAT over a stack of heads,
+// with permuted activations, as deepseek2's graph multiplies them; every head's rows split.
+static void test_mm_per_head_stacks(void) {
+    const int threads[] = { 1, 2, 3, 4, 0 };
+    const enum ggml_type types[] = { GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q8_0, GGML_TYPE_F32, GGML_TYPE_Q4_0 };
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        const struct mm_case cases[] = { { types[i], 128, 64, 1, 8 }, { types[i], 64, 96, 1, 5 }, { types[i], 128, 64, 7, 4 } };
         for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
             mm_identical(&cases[k], threads, ggml_backend_cpu_buffer_type(), numa_moe_buft(), 0);
         }
@@ -805,7 +822,7 @@ static void test_mm_repacked_layouts(void) {
             continue;
         }
         const struct mm_case cases[] = {
-            { k_types[i], 256, 64, 1 }, { k_types[i], 512, 136, 3 }, { k_types[i], 256, 96, 9 }, { k_types[i], 512, 256, 64 },
+            { k_types[i], 256, 64, 1, 0 }, { k_types[i], 512, 136, 3, 0 }, { k_types[i], 256, 96, 9, 0 }, { k_types[i], 512, 256, 64, 0 },
         };
         for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
             mm_identical(&cases[k], threads, cpu_repack_buft(), numa_moe_repack_buft(), 1);
@@ -816,7 +833,7 @@ static void test_mm_repacked_layouts(void) {
 // The locality counters: a decoded token's weight reads are all node-local under rows, and
 // counted once per op; ops left to ggml-cpu count as left to llama.cpp.
 static void test_locality_counters(void) {
-    const struct mm_case c = { GGML_TYPE_Q8_0, 512, 256, 1 };
+    const struct mm_case c = { GGML_TYPE_Q8_0, 512, 256, 1, 0 };
     struct ggml_init_params ip   = { ggml_tensor_overhead(), NULL, true };
     struct ggml_context *   meta = ggml_init(ip);
     struct ggml_tensor *    wt   = ggml_new_tensor_2d(meta, c.type, c.n_embd, c.n_out);
@@ -1615,6 +1632,7 @@ static const struct test k_tests[] = {
     { "mmid_repacked", test_mmid_repacked_layouts },
     { "mm_every_type", test_mm_every_type },
     { "mm_repacked", test_mm_repacked_layouts },
+    { "mm_heads", test_mm_per_head_stacks },
     { "locality_counters", test_locality_counters },
     { "buffer_repacked_writes", test_repacked_writes },
     { "fault_syscalls", test_fault_syscalls },
