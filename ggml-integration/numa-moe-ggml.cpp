@@ -28,6 +28,7 @@ struct library {
     decltype(&numa_moe_ggml_work_size)       work_size       = nullptr;
     decltype(&numa_moe_ggml_compute_forward) compute_forward = nullptr;
     decltype(&numa_moe_ggml_repack_buffer_type) repack_buffer_type = nullptr;
+    decltype(&numa_moe_ggml_count_stock)     count_stock     = nullptr;
 };
 
 static library resolve() {
@@ -38,13 +39,15 @@ static library resolve() {
     lib.work_size       = numa_moe_ggml_work_size;
     lib.compute_forward = numa_moe_ggml_compute_forward;
     lib.repack_buffer_type = numa_moe_ggml_repack_buffer_type;
+    lib.count_stock     = numa_moe_ggml_count_stock;
 #else
     lib.attach          = (decltype(lib.attach))          dlsym(RTLD_DEFAULT, "numa_moe_ggml_attach");
     lib.supports_op     = (decltype(lib.supports_op))     dlsym(RTLD_DEFAULT, "numa_moe_ggml_supports_op");
     lib.work_size       = (decltype(lib.work_size))       dlsym(RTLD_DEFAULT, "numa_moe_ggml_work_size");
     lib.compute_forward = (decltype(lib.compute_forward)) dlsym(RTLD_DEFAULT, "numa_moe_ggml_compute_forward");
     lib.repack_buffer_type = (decltype(lib.repack_buffer_type)) dlsym(RTLD_DEFAULT, "numa_moe_ggml_repack_buffer_type");
-    if (!lib.attach || !lib.supports_op || !lib.work_size || !lib.compute_forward || !lib.repack_buffer_type) {
+    lib.count_stock     = (decltype(lib.count_stock))     dlsym(RTLD_DEFAULT, "numa_moe_ggml_count_stock");
+    if (!lib.attach || !lib.supports_op || !lib.work_size || !lib.compute_forward || !lib.repack_buffer_type || !lib.count_stock) {
         return {};
     }
 #endif
@@ -52,6 +55,9 @@ static library resolve() {
 }
 
 static library g_lib;
+// numa-moe's two buffer types (set once at attach)
+static ggml_backend_buffer_type_t g_standard = nullptr;
+static ggml_backend_buffer_type_t g_repacked = nullptr;
 
 // ggml functions handed to the library (ggml objects travel as void *)
 
@@ -208,25 +214,53 @@ class tensor_traits : public ggml::cpu::tensor_traits {
         if (g_lib.compute_forward(&p, op)) {
             return true;
         }
+        if (params->ith == 0) {
+            g_lib.count_stock(op);
+        }
         // declined (alike on every thread): ggml's stock kernel for the layout the bytes have
         auto * stock = repacked ? stock_traits(op) : nullptr;
         return stock && stock->compute_forward(params, op);
     }
 };
 
-// One per buffer type (standard and repacked), each answering for its own buffers only.
+// Sees the ops numa-moe does not compute that read weights, on thread 0, for the locality
+// counters; computes nothing (ggml goes on to the next extra buffer type, then its own kernel).
+class counting_traits : public ggml::cpu::tensor_traits {
+    bool work_size(int, const ggml_tensor *, size_t &) override { return false; }
+
+    bool compute_forward(ggml_compute_params * params, ggml_tensor * op) override {
+        if (params->ith == 0) {
+            g_lib.count_stock(op);
+        }
+        return false;
+    }
+};
+
+static bool reads_weights(const ggml_tensor * op) {
+    return (op->op == GGML_OP_MUL_MAT || op->op == GGML_OP_MUL_MAT_ID || op->op == GGML_OP_GET_ROWS) && op->src[0] &&
+           op->src[0]->buffer && ggml_backend_buffer_get_usage(op->src[0]->buffer) == GGML_BACKEND_BUFFER_USAGE_WEIGHTS;
+}
+
+// One per buffer type (standard and repacked), each answering for its own buffers only; the
+// standard one also counts the weight reads of every other op (`counts`).
 class extra_buffer_type : public ggml::cpu::extra_buffer_type {
   public:
-    ggml_backend_buffer_type_t buft = nullptr;
+    ggml_backend_buffer_type_t buft   = nullptr;
+    bool                       counts = false;
     tensor_traits              traits;
+    counting_traits            counting;
 
     bool supports_op(ggml_backend_dev_t, const ggml_tensor * op) override {
         return g_lib.supports_op(op);
     }
 
     ggml::cpu::tensor_traits * get_tensor_traits(const ggml_tensor * op) override {
-        if (op->op == GGML_OP_MUL_MAT_ID && op->src[0] && op->src[0]->buffer && op->src[0]->buffer->buft == buft) {
-            return &traits;
+        const bool ours = op->src[0] && op->src[0]->buffer && (op->src[0]->buffer->buft == g_standard || op->src[0]->buffer->buft == g_repacked);
+        if ((op->op == GGML_OP_MUL_MAT_ID || op->op == GGML_OP_MUL_MAT) && ours) {
+            return op->src[0]->buffer->buft == buft ? &traits : nullptr;
+        }
+        if (counts && !ours && reads_weights(op)) {
+            return &counting;
         }
         return nullptr;
     }
@@ -279,9 +313,12 @@ static const attached & attach() {
             delete extra2;
             return {};
         }
-        extra->buft = r.standard;
-        r.repacked  = (ggml_backend_buffer_type_t) g_lib.repack_buffer_type();
-        extra2->buft = r.repacked;
+        extra->buft   = r.standard;
+        extra->counts = true;
+        r.repacked    = (ggml_backend_buffer_type_t) g_lib.repack_buffer_type();
+        extra2->buft  = r.repacked;
+        g_standard    = r.standard;
+        g_repacked    = r.repacked;
         return r;
     }();
     return a;

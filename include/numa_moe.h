@@ -19,6 +19,12 @@
 #define NUMA_MOE_MAX_NODES 64
 
 /**
+ * Categories of weights, in the order of the `*_by_category` arrays: routed experts,
+ * attention, shared experts, dense FFN, output head, embeddings, other.
+ */
+#define NUMA_MOE_CATEGORIES 7
+
+/**
  * Result of every fallible exported function. The numbers are stable.
  */
 enum NumaMoeResult
@@ -77,6 +83,11 @@ typedef uint32_t NumaMoeResult;
 #endif // __cplusplus
 
 /**
+ * The categories of weights a token reads.
+ */
+typedef struct Category Category;
+
+/**
  * Counters of what numa-moe did in this process.
  */
 typedef struct NumaMoeStats {
@@ -104,6 +115,10 @@ typedef struct NumaMoeStats {
    * Times one was found running on another node (0 unless something overrides affinity).
    */
   uint64_t workers_off_node;
+  /**
+   * MUL_MAT ops over placed weight matrices computed by numa-moe's node-local hook.
+   */
+  uint64_t mm_ops_computed;
 } NumaMoeStats;
 
 /**
@@ -308,6 +323,36 @@ typedef struct NumaMoeGgmlApi {
 } NumaMoeGgmlApi;
 
 /**
+ * Weight bytes read, by where they were read.
+ */
+typedef struct NumaMoeLocality {
+  /**
+   * Decoded tokens: one-token graphs, counted by their one-row token-embedding lookup.
+   */
+  uint64_t tokens;
+  /**
+   * Weight bytes read by one-token ops: by numa-moe's threads from their own node, from
+   * another node, and by ops left to llama.cpp (their node is llama.cpp's first touch).
+   */
+  uint64_t local_bytes;
+  uint64_t remote_bytes;
+  uint64_t stock_bytes;
+  /**
+   * The same by category (see NUMA_MOE_CATEGORIES).
+   */
+  uint64_t local_by_category[NUMA_MOE_CATEGORIES];
+  uint64_t remote_by_category[NUMA_MOE_CATEGORIES];
+  uint64_t stock_by_category[NUMA_MOE_CATEGORIES];
+  /**
+   * Over every op of every batch size, and every token embedded.
+   */
+  uint64_t all_tokens;
+  uint64_t all_local_bytes;
+  uint64_t all_remote_bytes;
+  uint64_t all_stock_bytes;
+} NumaMoeLocality;
+
+/**
  * The work one node's threads did in the ops numa-moe computed.
  */
 typedef struct NumaMoeNodeWork {
@@ -320,6 +365,10 @@ typedef struct NumaMoeNodeWork {
    */
   uint64_t bytes;
 } NumaMoeNodeWork;
+
+
+
+
 
 
 
@@ -471,6 +520,17 @@ bool numa_moe_ggml_work_size(int32_t n_threads, const void *op, size_t *size);
 bool numa_moe_ggml_compute_forward(const struct NumaMoeComputeParams *params, void *op);
 
 /**
+ * Counts the weight bytes an op ggml-cpu computes itself reads (called by the adapter on
+ * thread 0 of every MUL_MAT, MUL_MAT_ID and GET_ROWS numa-moe does not compute): the
+ * locality counters' "left to llama.cpp" share, and decoded tokens (one-row embedding
+ * lookups). Ops whose first source is not a model weight are ignored.
+ *
+ * # Safety
+ * `op` must be a live graph node.
+ */
+void numa_moe_ggml_count_stock(const void *op);
+
+/**
  * Where the pages of a placed expert tensor are, against its plan (all copies), and how
  * many bytes of its copies differ from the primary.
  *
@@ -488,6 +548,24 @@ NumaMoeResult numa_moe_tensor_verify(const void *tensor, struct NumaMoePageRepor
  * `tensor` must be a live ggml tensor.
  */
 NumaMoeResult numa_moe_tensor_refresh(const void *tensor);
+
+/**
+ * The locality counters so far.
+ *
+ * # Safety
+ * `out` must be valid for writes.
+ */
+NumaMoeResult numa_moe_locality_get(struct NumaMoeLocality *out);
+
+/**
+ * Zeroes the locality counters.
+ */
+NumaMoeResult numa_moe_locality_reset(void);
+
+/**
+ * Turns counting on or off (on by default; NUMA_MOE_LOCALITY=0 starts it off).
+ */
+NumaMoeResult numa_moe_locality_set_enabled(bool on);
 
 /**
  * Copies layer `layer`'s token-slots per expert (whole run into `tokens`, the recent

@@ -272,11 +272,17 @@ impl Runtime {
 
     fn active(&self, s: &Settings) -> bool {
         let one_node = self.topology.compute_nodes().len() <= 1;
-        !s.map.rules.iter().all(|r| match &r.body {
+        let experts = !s.map.rules.iter().all(|r| match &r.body {
             crate::expert_map::Body::Policy { policy: Policy::Off, .. } => true,
             crate::expert_map::Body::Policy { policy: Policy::Auto, .. } => one_node,
             _ => false,
-        })
+        });
+        let dense = match s.map.resolve_dense() {
+            crate::expert_map::Resolved::Off => false,
+            crate::expert_map::Resolved::Policy { policy: Policy::Auto, .. } => !one_node,
+            _ => true,
+        };
+        experts || dense
     }
 
     /// Reserves `bytes` on `node` against its budget. On the host the budget is read now:
@@ -404,7 +410,8 @@ pub fn parse_map(topology: &Topology, text: &str) -> Result<(ExpertMap, Option<S
 fn check_map(topology: &Topology, map: ExpertMap, env_profile: &Option<String>) -> Result<(ExpertMap, Option<String>), MapError> {
     if let Some(reason) = topology.detection_error() {
         let placeless =
-            map.rules.iter().all(|r| matches!(&r.body, crate::expert_map::Body::Policy { policy: Policy::Off | Policy::Auto, .. }));
+            map.rules.iter().all(|r| matches!(&r.body, crate::expert_map::Body::Policy { policy: Policy::Off | Policy::Auto, .. }))
+                && map.dense.as_ref().is_none_or(|d| matches!(d.policy, Policy::Off | Policy::Auto));
         if !placeless {
             return Err(MapError {
                 text: map.text.clone(),

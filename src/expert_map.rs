@@ -153,8 +153,25 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertMap {
     pub rules: Vec<Rule>,
+    /// The `dense=` rule: every weight matrix outside the routed experts (attention, shared
+    /// experts, dense FFN, output head). `None`: `auto`.
+    pub dense: Option<DenseRule>,
     pub text: String,
 }
+
+/// Where the weight matrices outside the routed experts go (`dense=POLICY[@nodes]`): `auto`
+/// (`rows` on a machine with more than one node with memory and CPUs, unless every expert
+/// rule is `off`; `off` on one node), `rows`, `mirror`, `interleave` or `off`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DenseRule {
+    pub policy: Policy,
+    pub nodes: Option<Vec<u32>>,
+    pub span: Span,
+}
+
+/// The policies a `dense=` rule takes (the others place whole experts, which a plain weight
+/// matrix does not have).
+pub const DENSE_POLICIES: [Policy; 5] = [Policy::Auto, Policy::Rows, Policy::Mirror, Policy::Interleave, Policy::Off];
 
 /// A map that cannot be used, with the text it came from and where the problem is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +215,12 @@ pub enum Resolved {
     /// `balanced` over these nodes (`None`: the planner's default nodes), from this profile
     /// (`None`: none given, place as `block`), already checked against the tensor's experts.
     Balanced { nodes: Option<Vec<u32>>, profile: Option<Arc<RoutingProfile>>, copies_percent: u32 },
+}
+
+/// One `;`-separated item of a map.
+enum Item {
+    Rule(Rule),
+    Dense(DenseRule),
 }
 
 struct Parser<'a> {
@@ -297,20 +320,32 @@ impl<'a> Parser<'a> {
         (self.s[start..self.pos].to_string(), start..self.pos)
     }
 
-    fn map(&mut self) -> Result<Vec<Rule>, MapError> {
-        let mut rules = vec![self.rule()?];
+    fn map(&mut self) -> Result<(Vec<Rule>, Option<DenseRule>), MapError> {
+        let mut rules = Vec::new();
+        let mut dense: Option<DenseRule> = None;
+        let mut add = |r: Result<Item, MapError>, p: &Self| -> Result<(), MapError> {
+            match r? {
+                Item::Rule(r) => rules.push(r),
+                Item::Dense(d) if dense.is_some() => return p.err(d.span, "two dense= rules; give one"),
+                Item::Dense(d) => dense = Some(d),
+            }
+            Ok(())
+        };
+        let first = self.rule();
+        add(first, self)?;
         loop {
             match self.peek() {
                 None => break,
                 Some(b';') => {
                     let after_path = self.path_end == Some(self.pos);
                     self.pos += 1;
-                    rules.push(self.rule().map_err(|mut e| {
+                    let next = self.rule().map_err(|mut e| {
                         if after_path {
                             e.message += " (a routing profile path cannot contain ';': the ';' after it ends the rule)";
                         }
                         e
-                    })?);
+                    });
+                    add(next, self)?;
                 }
                 Some(_) => {
                     let found = self.describe_here();
@@ -318,12 +353,39 @@ impl<'a> Parser<'a> {
                 }
             }
         }
-        Ok(rules)
+        Ok((rules, dense))
     }
 
-    fn rule(&mut self) -> Result<Rule, MapError> {
+    /// `dense=POLICY[@nodes]`, after its "dense=".
+    fn dense(&mut self, start: usize) -> Result<DenseRule, MapError> {
+        let body = self.body()?;
+        let (policy, nodes) = match body {
+            Body::Policy { policy, nodes, .. } if DENSE_POLICIES.contains(&policy) => (policy, nodes),
+            _ => {
+                let names: Vec<&str> = DENSE_POLICIES.iter().map(|p| p.name()).collect();
+                return self.err(
+                    start..self.pos,
+                    format!(
+                        "dense= takes {} (weight matrices outside the routed experts have no experts to place whole)",
+                        names.join(", ")
+                    ),
+                );
+            }
+        };
+        Ok(DenseRule { policy, nodes, span: start..self.pos })
+    }
+
+    fn rule(&mut self) -> Result<Item, MapError> {
         self.skip_ws();
         let start = self.pos;
+        if self.s[self.pos..].starts_with("dense") {
+            let save = self.pos;
+            self.pos += 5;
+            if self.eat(b'=') {
+                return Ok(Item::Dense(self.dense(start)?));
+            }
+            self.pos = save;
+        }
         let layers = if self.s[self.pos..].starts_with("blk.") {
             self.pos += 4;
             let mut ranges = vec![self.range("a layer number")?.0];
@@ -339,7 +401,7 @@ impl<'a> Parser<'a> {
             None
         };
         let body = self.body()?;
-        Ok(Rule { layers, body, span: start..self.pos })
+        Ok(Item::Rule(Rule { layers, body, span: start..self.pos }))
     }
 
     fn body(&mut self) -> Result<Body, MapError> {
@@ -472,8 +534,12 @@ impl ExpertMap {
                 "the expert map is empty: give a policy (e.g. \"rows\") or clauses like \"0-7:0,8-15:1\"",
             ));
         }
-        let rules = p.map()?;
-        let map = ExpertMap { rules, text: text.to_string() };
+        let (mut rules, dense) = p.map()?;
+        if rules.is_empty() {
+            // only a dense= rule: the experts keep the default
+            rules.push(Rule { layers: None, body: Body::Policy { policy: Policy::Auto, nodes: None, span: 0..0 }, span: 0..0 });
+        }
+        let map = ExpertMap { rules, dense, text: text.to_string() };
         map.check_rules()?;
         Ok(map)
     }
@@ -604,8 +670,25 @@ impl ExpertMap {
                 };
                 layers + &body
             })
+            .chain(self.dense.iter().map(|d| match &d.nodes {
+                Some(n) => format!("dense={}@{}", d.policy.name(), join(n, ",")),
+                None => format!("dense={}", d.policy.name()),
+            }))
             .collect::<Vec<_>>()
             .join(";")
+    }
+
+    /// What the map asks for the weight matrices outside the routed experts: `Off`, or a
+    /// policy (`Auto`: the planner's choice, `rows` on more than one node) over its nodes.
+    /// Without a `dense=` rule, `auto` unless every expert rule is `off` (a map of "off" means
+    /// llama.cpp's own placement for everything).
+    pub fn resolve_dense(&self) -> Resolved {
+        match &self.dense {
+            Some(DenseRule { policy: Policy::Off, .. }) => Resolved::Off,
+            Some(d) => Resolved::Policy { policy: d.policy, nodes: d.nodes.clone() },
+            None if self.rules.iter().all(|r| matches!(r.body, Body::Policy { policy: Policy::Off, .. })) => Resolved::Off,
+            None => Resolved::Policy { policy: Policy::Auto, nodes: None },
+        }
     }
 
     /// Every node the map names, with the span naming it.
@@ -623,6 +706,9 @@ impl ExpertMap {
                     }
                 }
             }
+        }
+        if let Some(DenseRule { nodes: Some(n), span, .. }) = &self.dense {
+            out.extend(n.iter().map(|&n| (n, span.clone())));
         }
         out
     }
@@ -788,6 +874,37 @@ mod tests {
 
     fn e(s: &str) -> String {
         ExpertMap::parse(s).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn dense_rules_parse_render_and_resolve() {
+        assert_eq!(p("rows;dense=mirror").render(), "rows;dense=mirror");
+        assert_eq!(p("dense = rows@0,1 ; 0-7:0,*:1").render(), "0-7:0,*:1;dense=rows@0,1");
+        // a map of only a dense rule keeps the experts' default
+        assert_eq!(p("dense=off").render(), "auto;dense=off");
+        assert_eq!(p("rows").resolve_dense(), Resolved::Policy { policy: Policy::Auto, nodes: None });
+        assert_eq!(p("rows;dense=off").resolve_dense(), Resolved::Off);
+        assert_eq!(p("block;dense=mirror@1").resolve_dense(), Resolved::Policy { policy: Policy::Mirror, nodes: Some(vec![1]) });
+        // "off" alone means llama.cpp's own placement for every weight
+        assert_eq!(p("off").resolve_dense(), Resolved::Off);
+        assert_eq!(p("off;dense=rows").resolve_dense(), Resolved::Policy { policy: Policy::Rows, nodes: None });
+        // the nodes of a dense rule are checked with the others
+        assert_eq!(p("rows;dense=rows@3").named_nodes().last().map(|n| n.0), Some(3));
+    }
+
+    #[test]
+    fn bad_dense_rules_say_what_is_wrong_and_where() {
+        assert_eq!(
+            e("rows;dense=block"),
+            "invalid expert map \"rows;dense=block\": dense= takes auto, rows, mirror, interleave, off (weight matrices outside the routed experts have no experts to place whole) (at characters 6-16: \"dense=block\")"
+        );
+        assert!(e("rows;dense=0-3:1").contains("dense= takes auto, rows, mirror, interleave, off"), "{}", e("rows;dense=0-3:1"));
+        assert_eq!(
+            e("dense=rows;dense=off"),
+            "invalid expert map \"dense=rows;dense=off\": two dense= rules; give one (at characters 12-20: \"dense=off\")"
+        );
+        assert!(e("rows;dense=").contains("dense= takes") || e("rows;dense=").contains("empty"), "{}", e("rows;dense="));
+        assert!(e("rows;dense=rowz").contains("unknown policy \"rowz\""));
     }
 
     #[test]

@@ -165,6 +165,10 @@ pub struct RepackLayout {
     pub gemv: RepackKernel,
     /// from_float of `param_type`: how the activations are quantized for gemv.
     pub from_float: unsafe extern "C" fn(*const f32, *mut c_void, i64),
+    /// The kernel for four activation rows at a time and the quantizer that interleaves
+    /// them for it (CPU_REPACK's MUL_MAT of a batch), where the layout has them.
+    pub gemm: Option<RepackKernel>,
+    pub quantize_mat: Option<unsafe extern "C" fn(*const f32, *mut c_void, i64, i64)>,
 }
 
 /// ggml-cpu's compute parameters, unpacked by the adapter.
@@ -224,6 +228,8 @@ pub struct CpuTraits {
     pub from_float: raw::ggml_from_float_t,
     pub vec_dot: raw::ggml_vec_dot_t,
     pub vec_dot_type: GgmlType,
+    /// Rows vec_dot may take at once (2 for ARM's int8 matrix-multiply kernels, else 1).
+    pub nrows: i64,
 }
 
 impl Api {
@@ -241,7 +247,7 @@ impl Api {
         }
         // SAFETY: as above, for ggml-cpu's static table.
         let t = unsafe { (self.0.get_type_traits_cpu?(ty as i32) as *const raw::ggml_type_traits_cpu).as_ref()? };
-        Some(CpuTraits { from_float: t.from_float, vec_dot: t.vec_dot, vec_dot_type: t.vec_dot_type })
+        Some(CpuTraits { from_float: t.from_float, vec_dot: t.vec_dot, vec_dot_type: t.vec_dot_type, nrows: t.nrows })
     }
 
     pub fn type_name(&self, ty: GgmlType) -> String {
@@ -321,6 +327,8 @@ impl Api {
             param_type,
             gemv: l.gemv?,
             from_float: self.cpu_traits(param_type)?.from_float?,
+            gemm: l.gemm,
+            quantize_mat: l.quantize_mat,
         })
     }
 
@@ -435,6 +443,11 @@ impl TensorRef {
         self.t().data as usize
     }
 
+    /// The op's `i`-th 32-bit parameter (ggml_get_op_params_i32), 0 past the end.
+    pub fn op_param_i32(&self, i: usize) -> i32 {
+        self.t().op_params.get(i).copied().unwrap_or(0)
+    }
+
     pub fn src(&self, i: usize) -> Option<TensorRef> {
         // SAFETY: sources of a live node are live tensors (or null).
         unsafe { TensorRef::new(*self.t().src.get(i)?) }
@@ -495,6 +508,35 @@ impl TensorRef {
         let ne = self.ne();
         let nb = self.nb();
         ne[3] == 1 && nb[0] == api.type_size(self.ty()) && nb[1] == api.row_size(self.ty(), ne[0]) && nb[2] == nb[1] * ne[1] as usize
+    }
+
+    /// Whether the tensor lives in a buffer llama.cpp allocated for model weights.
+    pub fn is_weight(&self) -> bool {
+        let b = self.t().buffer;
+        // SAFETY: a tensor's buffer is a live ggml buffer object.
+        !b.is_null() && unsafe { (*b).usage } == raw::GGML_BACKEND_BUFFER_USAGE_WEIGHTS
+    }
+
+    /// How many distinct values in 0..n the I32 tensor holds (the experts an ids tensor routes
+    /// to); values outside are skipped, as ggml skips them.
+    pub fn distinct_ids(&self, n: i64) -> u64 {
+        let (ne, nb) = (self.ne(), self.nb());
+        if self.ty() != raw::GGML_TYPE_I32 || self.data_ptr().is_null() || n <= 0 || ne.iter().any(|&x| x < 1) {
+            return 0;
+        }
+        let mut seen = vec![false; n as usize];
+        let mut count = 0;
+        for i1 in 0..ne[1] as usize {
+            for i0 in 0..ne[0] as usize {
+                // SAFETY: (i0, i1) is inside the tensor's first two dimensions.
+                let e = unsafe { *(self.data_ptr().add(i1 * nb[1] + i0 * nb[0]) as *const i32) };
+                if e >= 0 && (e as i64) < n && !seen[e as usize] {
+                    seen[e as usize] = true;
+                    count += 1;
+                }
+            }
+        }
+        count
     }
 
     /// Raw pointer to the tensor's first byte, for copying in and out of our own memory.

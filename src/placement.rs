@@ -97,6 +97,30 @@ pub fn stacked_expert(
     }))
 }
 
+/// A 2-D weight matrix (attention, shared expert, dense FFN, output head: any weight a
+/// MUL_MAT multiplies), planned as one "expert" by the map's `dense=` rule: ggml's packed
+/// layout, shape `[cols, rows, 1, 1]`, at least one row of at least one byte, a known type and
+/// a size that fits in 64 bits, and not one of the small weights left to llama.cpp
+/// ([`crate::weights::left_to_llama`]: norms, the router, the embeddings). Anything else is
+/// `None`.
+pub fn weight_matrix(name: &str, type_name: &str, ne: [u64; 4], row_bytes: Option<u64>, packed: bool) -> Option<ExpertTensor> {
+    let [cols, rows, n2, n3] = ne;
+    let row_bytes = row_bytes.filter(|&b| b > 0)?;
+    if crate::weights::left_to_llama(name) || !packed || n2 != 1 || n3 != 1 || rows < 1 || cols < 1 || rows.checked_mul(row_bytes).is_none()
+    {
+        return None;
+    }
+    Some(ExpertTensor {
+        name: name.to_string(),
+        layer: layer_of(name).filter(|&l| l < MAX_LAYERS),
+        type_name: type_name.to_string(),
+        n_expert: 1,
+        rows,
+        row_bytes,
+        row_group: 1,
+    })
+}
+
 /// The CPU features ggml-cpu's CPU_REPACK chooses its layouts by.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RepackCpu {
@@ -265,6 +289,10 @@ impl TensorPlan {
         let n = self.tensor.n_expert as usize;
         let rows = self.tensor.rows;
         let first = &pieces[0].rows;
+        if n == 1 {
+            let list: Vec<String> = pieces.iter().map(|p| format!("{}-{}", p.rows.start, p.rows.end - 1)).collect();
+            return if pieces.iter().all(|p| p.rows == (0..rows)) { "all rows".into() } else { format!("rows {}", list.join(",")) };
+        }
         if pieces.len() == n && pieces.iter().all(|p| p.rows == *first) && first.clone() != (0..rows) {
             return format!("rows {}-{} of every expert", first.start, first.end - 1);
         }
@@ -349,7 +377,9 @@ pub fn plan_tensor(topo: &Topology, map: &ExpertMap, tensor: &ExpertTensor, opts
         )));
     }
     let planner = Planner { topo, tensor, opts };
-    match map.resolve(tensor.layer, tensor.n_expert, &tensor.name)? {
+    // a weight matrix outside the routed experts (one "expert"): the map's dense= rule
+    let resolved = if tensor.n_expert == 1 { map.resolve_dense() } else { map.resolve(tensor.layer, tensor.n_expert, &tensor.name)? };
+    match resolved {
         Resolved::Off => Ok(None),
         Resolved::Policy { policy, nodes } => {
             let nodes = match nodes {
@@ -757,6 +787,46 @@ pub fn plan_workers(topo: &Topology, n_threads: usize) -> Vec<WorkerSlot> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn matrix(name: &str, rows: u64) -> ExpertTensor {
+        weight_matrix(name, "q8_0", [7168, rows, 1, 1], Some(7616), true).expect("a matrix")
+    }
+
+    #[test]
+    fn weight_matrices_follow_the_dense_rule() {
+        let two = Topology::from_spec("package:2 numa:1 core:4 pu:1").unwrap();
+        let one = Topology::from_spec("package:1 numa:1 core:4 pu:1").unwrap();
+        let opts = PlanOptions::default();
+        let t = matrix("blk.0.attn_q_b.weight", 1536);
+        // auto: rows on two nodes, each node its half of the rows, one copy of every byte
+        let plan = plan_tensor(&two, &ExpertMap::parse("block").unwrap(), &t, &opts).unwrap().expect("placed");
+        assert_eq!(plan.kind, PlanKind::Policy(Policy::Rows));
+        assert_eq!(plan.pieces().iter().map(|p| (p.node, p.rows.clone())).collect::<Vec<_>>(), vec![(0, 0..768), (1, 768..1536)]);
+        assert_eq!(plan.bytes_per_node(), vec![(0, 768 * 7616), (1, 768 * 7616)]);
+        assert_eq!(plan.describe_share(1), "rows 768-1535");
+        // off on one node, and where the map says so
+        assert!(plan_tensor(&one, &ExpertMap::parse("rows").unwrap(), &t, &opts).unwrap().is_none());
+        assert!(plan_tensor(&two, &ExpertMap::parse("rows;dense=off").unwrap(), &t, &opts).unwrap().is_none());
+        assert!(plan_tensor(&two, &ExpertMap::parse("off").unwrap(), &t, &opts).unwrap().is_none());
+        // mirror: a copy on each node, each computing its half from its own
+        let m = plan_tensor(&two, &ExpertMap::parse("rows;dense=mirror").unwrap(), &t, &opts).unwrap().expect("placed");
+        assert_eq!(m.bytes_per_node(), vec![(0, 1536 * 7616), (1, 1536 * 7616)]);
+        // restricted to a node; an explicit dense rule places on one node too
+        let r = plan_tensor(&two, &ExpertMap::parse("rows;dense=rows@1").unwrap(), &t, &opts).unwrap().expect("placed");
+        assert_eq!(r.bytes_per_node(), vec![(1, 1536 * 7616)]);
+        assert!(plan_tensor(&one, &ExpertMap::parse("dense=rows").unwrap(), &t, &opts).unwrap().is_some());
+    }
+
+    #[test]
+    fn only_packed_two_dimensional_weights_are_matrices() {
+        assert!(weight_matrix("w", "f32", [8, 4, 1, 1], Some(32), true).is_some());
+        assert!(weight_matrix("blk.0.ffn_gate_inp.weight", "f32", [8, 4, 1, 1], Some(32), true).is_none());
+        assert!(weight_matrix("blk.0.attn_norm.weight", "f32", [8, 4, 1, 1], Some(32), true).is_none());
+        assert!(weight_matrix("w", "f32", [8, 4, 2, 1], Some(32), true).is_none());
+        assert!(weight_matrix("w", "f32", [8, 4, 1, 1], Some(32), false).is_none());
+        assert!(weight_matrix("w", "f32", [8, 4, 1, 1], None, true).is_none());
+        assert!(weight_matrix("w", "f32", [8, u64::MAX, 1, 1], Some(32), true).is_none());
+    }
     use crate::topology::Source;
 
     #[test]

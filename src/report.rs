@@ -51,11 +51,24 @@ pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
         return Vec::new();
     }
     let s = rt.settings();
-    let total: u64 = placed.iter().map(|p| p.plan.tensor.bytes()).sum();
+    let (experts, matrices): (Vec<_>, Vec<_>) = placed.iter().partition(|p| p.plan.tensor.n_expert > 1);
+    let total: u64 = experts.iter().map(|p| p.plan.tensor.bytes()).sum();
+    let mut what = format!("{} expert tensors ({})", experts.len(), format_gib(total));
+    if !matrices.is_empty() {
+        let mut by: Vec<(crate::weights::Category, u64)> = Vec::new();
+        for p in &matrices {
+            match by.iter_mut().find(|(c, _)| *c == p.category) {
+                Some((_, b)) => *b += p.plan.tensor.bytes(),
+                None => by.push((p.category, p.plan.tensor.bytes())),
+            }
+        }
+        by.sort();
+        let sum: u64 = by.iter().map(|(_, b)| b).sum();
+        let parts: Vec<String> = by.iter().map(|(c, b)| format!("{c} {}", format_gib(*b))).collect();
+        what += &format!(" and {} weight matrices ({}: {})", matrices.len(), format_gib(sum), parts.join(", "));
+    }
     let mut lines = vec![format!(
-        "numa-moe: {} expert tensors ({}) placed by map \"{}\" ({}){}{}",
-        placed.len(),
-        format_gib(total),
+        "numa-moe: {what} placed by map \"{}\" ({}){}{}",
         s.map.render(),
         s.map_origin,
         rt.unbound_reason().map(|r| format!(" ({r})")).unwrap_or_default(),
@@ -64,7 +77,11 @@ pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
     let loads = placement::node_loads(&rt.topology, &placed.iter().map(|p| p.plan.clone()).collect::<Vec<_>>());
     let mut parts = Vec::new();
     for l in loads.iter().filter(|l| l.bytes > 0) {
-        let example = placed.iter().find(|p| p.plan.pieces().iter().any(|x| x.node == l.node));
+        let example = placed
+            .iter()
+            .filter(|p| p.plan.tensor.n_expert > 1)
+            .chain(placed.iter().filter(|p| p.plan.tensor.n_expert == 1))
+            .find(|p| p.plan.pieces().iter().any(|x| x.node == l.node));
         let share =
             example.map(|p| format!(", {}: {}", short_name(&p.plan.tensor.name), p.plan.describe_share(l.node))).unwrap_or_default();
         parts.push(format!("node {}: {} ({} tensors{share})", l.node, format_gib(l.bytes), l.tensors));

@@ -104,6 +104,18 @@ pub fn category_of(name: &str) -> Category {
     Category::Other
 }
 
+/// Whether numa-moe leaves a weight to llama.cpp whatever its shape: norms, the router
+/// (`ffn_gate_inp`, small and read whole by every token's routing), expert-bias vectors and
+/// the token embeddings (one row read per token).
+pub fn left_to_llama(name: &str) -> bool {
+    let c = category_of(name);
+    c == Category::Embeddings
+        || name.contains("_norm")
+        || name.contains("ffn_gate_inp")
+        || name.contains("exp_probs")
+        || name.ends_with(".bias")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,11 +60,24 @@ impl TensorInfo {
         let t = placement::stacked_expert(&self.name, &self.type_name, ne, Some(self.nb[1] as u64), self.packed).ok().flatten()?;
         Some(ExpertTensor { row_group: self.row_group.max(1), ..t })
     }
+
+    /// The planner's description, if this is a 2-D weight matrix (one "expert", planned by
+    /// the map's dense= rule).
+    pub fn matrix(&self) -> Option<ExpertTensor> {
+        let ne = self.ne.map(|n| u64::try_from(n).unwrap_or(0));
+        let t = placement::weight_matrix(&self.name, &self.type_name, ne, Some(self.nb[1] as u64), self.packed)?;
+        Some(ExpertTensor { row_group: self.row_group.max(1), ..t })
+    }
+
+    /// An expert stack or a weight matrix.
+    pub fn placeable(&self) -> Option<ExpertTensor> {
+        self.expert_tensor().or_else(|| self.matrix())
+    }
 }
 
 /// The plan for one tensor under the current settings (`Ok(None)`: not ours to place).
 pub fn plan_for(rt: &Runtime, info: &TensorInfo) -> Result<Option<TensorPlan>, Error> {
-    let Some(t) = info.expert_tensor() else { return Ok(None) };
+    let Some(t) = info.placeable() else { return Ok(None) };
     let s = rt.settings();
     let opts = PlanOptions { page_size: crate::sys::page_size() as u64, by_cores: true };
     placement::plan_tensor(&rt.topology, &s.map, &t, &opts).map_err(Error::from)
@@ -83,6 +96,8 @@ pub struct PlacedTensor {
     pub piece_nodes: Vec<u32>,
     /// Set when binding failed and the fallback policy kept the tensor with default placement.
     pub degraded: Mutex<Option<String>>,
+    /// What the weights are for (reports and locality counters).
+    pub category: crate::weights::Category,
 }
 
 impl PlacedTensor {
@@ -204,7 +219,8 @@ impl NumaBuffer {
             }
         }
         piece_nodes.sort_unstable();
-        let placed = Arc::new(PlacedTensor { plan, offset, replicas, by_expert, piece_nodes, degraded: Mutex::new(degraded) });
+        let category = crate::weights::category_of(&plan.tensor.name);
+        let placed = Arc::new(PlacedTensor { plan, offset, replicas, by_expert, piece_nodes, degraded: Mutex::new(degraded), category });
         PLACED_TENSORS.fetch_add(1, Ordering::Relaxed);
         PLACED_BYTES.fetch_add(placed.all_bytes(), Ordering::Relaxed);
         let mut v = self.placed.write();

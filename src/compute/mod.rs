@@ -21,6 +21,8 @@
 //! the code above is written never to raise) aborts the process with a message naming the
 //! op and the reason, instead of hanging or corrupting the output.
 
+pub mod locality;
+pub mod mm;
 pub mod mmid;
 pub mod stats;
 pub mod work;
@@ -34,6 +36,7 @@ use crate::config::{PinMode, Runtime};
 use crate::ggml::{Api, NumaMoeComputeParams};
 use crate::placement::Piece;
 use crate::sys::CpuMask;
+use mm::MmOp;
 use mmid::MmidOp;
 use work::Work;
 use workers::{assign, PinPlan};
@@ -41,6 +44,8 @@ use workers::{assign, PinPlan};
 /// MUL_MAT_ID ops over placed weights: computed here, or left to ggml-cpu's stock kernel.
 pub static OPS_COMPUTED: AtomicU64 = AtomicU64::new(0);
 pub static OPS_DECLINED: AtomicU64 = AtomicU64::new(0);
+/// MUL_MAT ops over placed weight matrices computed here.
+pub static MM_OPS_COMPUTED: AtomicU64 = AtomicU64::new(0);
 /// Pinned worker threads checked against their planned node (each op), and those found
 /// running elsewhere.
 pub static WORKERS_CHECKED: AtomicU64 = AtomicU64::new(0);
@@ -97,18 +102,75 @@ pub fn decide(op: &MmidOp, placed: &PlacedTensor, params: &NumaMoeComputeParams)
 pub fn run(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work) {
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phases(rt, api, op, buf, placed, work)));
     if let Err(payload) = outcome {
-        fatal(op, &crate::error::panic_message(payload.as_ref()));
+        fatal(&format!("MUL_MAT_ID {} over {}", op.dst.name(), op.src0.name()), &crate::error::panic_message(payload.as_ref()));
+    }
+}
+
+/// Step 0 for a MUL_MAT over a placed weight matrix: as [`decide`].
+pub fn decide_mm(op: &MmOp, placed: &PlacedTensor, params: &NumaMoeComputeParams) -> Option<Work> {
+    let t = &placed.plan.tensor;
+    let ok_plan =
+        placed.by_expert.len() == 1 && t.n_expert == 1 && t.rows == op.src0.ne()[1] as u64 && t.row_bytes == op.src0.nb()[1] as u64;
+    let work = if ok_plan { Work::new(params, op.layout(params.nth.max(1) as usize)) } else { None };
+    if work.is_none() && params.ith == 0 {
+        OPS_DECLINED.fetch_add(1, Ordering::Relaxed);
+    }
+    work
+}
+
+/// Steps 1 and 2 of a MUL_MAT on this thread, after [`decide_mm`] said yes on every thread.
+pub fn run_mm(rt: &Runtime, api: &Api, op: &MmOp, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| phases_mm(rt, api, op, buf, placed, work)));
+    if let Err(payload) = outcome {
+        fatal(&mm::describe(op), &crate::error::panic_message(payload.as_ref()));
+    }
+}
+
+fn phases_mm(rt: &Runtime, api: &Api, op: &MmOp, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work) {
+    let (ith, nth) = (work.ith(), work.nth());
+    if ith == 0 {
+        MM_OPS_COMPUTED.fetch_add(1, Ordering::Relaxed);
+        buf.report_once(rt);
+        work.reset_claims();
+    }
+    buf.sync_replicas(placed);
+    work.set_roster(thread_node(rt, api, ith));
+    op.convert_src1(work);
+    injected_fault(work);
+    api.barrier(&work.params);
+
+    if ith == 0 {
+        buf.verify_once(rt);
+    }
+    let a = assign(&rt.topology, &work.roster(), &placed.piece_nodes);
+    let (group, _rank, size, slot) = a.of_thread(ith);
+    let primary = op.src0.data_ptr() as *const u8;
+    let mine = |p: &&Piece| a.group_of_node.get(&p.node) == Some(&group);
+    let columns = op.columns();
+    let items = chunks(&placed.by_expert, |_| columns as usize, &mine, &[], op.row_group(), size);
+    debug_assert!(slot < nth);
+    let count = locality::enabled();
+    let mut tally = locality::Tally::default();
+    let row_bytes = placed.plan.tensor.row_bytes;
+    loop {
+        let i = work.claim(slot);
+        let Some(&(_, ref rows, copy, node)) = items.get(i) else { break };
+        op.compute_rows(work, placed.copy_base(primary, copy), rows.clone());
+        if count {
+            tally.read(group, node, (rows.end - rows.start) as u64 * row_bytes);
+        }
+    }
+    if count {
+        tally.flush(placed.category, op.n_tokens() == 1);
     }
 }
 
 /// The op cannot be finished and cannot be handed back: say why, then abort.
 #[cold]
-fn fatal(op: &MmidOp, reason: &str) -> ! {
+fn fatal(what: &str, reason: &str) -> ! {
     let msg = format!(
-        "numa-moe: fatal: MUL_MAT_ID {} over {} failed after every thread had committed to computing it ({reason}); \
-         ggml's threads cannot continue in step, aborting\n",
-        op.dst.name(),
-        op.src0.name()
+        "numa-moe: fatal: {what} failed after every thread had committed to computing it ({reason}); \
+         ggml's threads cannot continue in step, aborting\n"
     );
     // straight to stderr, not ggml's log: llama.cpp's logger is asynchronous and would lose it
     eprint!("{msg}");
@@ -166,6 +228,8 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
     // Experts stock computes with ggml's tiled K-quant kernel are computed the same way, each
     // piece by its whole group (the kernel partitions its rows by rank itself).
     let record = stats::enabled();
+    let count = locality::enabled();
+    let mut reads = locality::Tally::default();
     let row_bytes = placed.plan.tensor.row_bytes;
     let mut tally = stats::WorkTally::default();
     let mut tiled = Vec::new();
@@ -178,10 +242,13 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
             let base = placed.copy_base(primary, p.copy);
             if op.tiled(work, base, expert, p.rows.start as i64..p.rows.end as i64, rank, size) {
                 tiled.push((expert, p.rows.start));
+                let n = p.rows.end - p.rows.start;
                 if record && rank == 0 {
-                    let n = p.rows.end - p.rows.start;
                     tally.rows += n * routed;
                     tally.bytes += n * row_bytes;
+                }
+                if count && rank == 0 {
+                    reads.read(group, p.node, n * row_bytes);
                 }
             }
         }
@@ -194,16 +261,22 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
     debug_assert!(slot < nth);
     loop {
         let i = work.claim(slot);
-        let Some(&(expert, ref rows, copy)) = items.get(i) else { break };
+        let Some(&(expert, ref rows, copy, node)) = items.get(i) else { break };
         op.compute_rows(work, placed.copy_base(primary, copy), expert, rows.clone());
+        let n = (rows.end - rows.start) as u64;
         if record {
-            let n = (rows.end - rows.start) as u64;
             tally.rows += n * op.routed(work, expert) as u64;
             tally.bytes += n * row_bytes;
+        }
+        if count {
+            reads.read(group, node, n * row_bytes);
         }
     }
     if record {
         tally.flush(group);
+    }
+    if count {
+        reads.flush(placed.category, op.n_tokens() == 1);
     }
 }
 
@@ -300,7 +373,7 @@ fn chunks(
     tiled: &[(usize, u64)],
     row_group: i64,
     split: usize,
-) -> Vec<(usize, std::ops::Range<i64>, usize)> {
+) -> Vec<(usize, std::ops::Range<i64>, usize, u32)> {
     let mut items = Vec::new();
     for (expert, pieces) in by_expert.iter().enumerate() {
         let n = routed(expert);
@@ -328,7 +401,7 @@ fn chunks(
             let mut r = p.rows.start as i64;
             while r < p.rows.end as i64 {
                 let end = (r + chunk).min(p.rows.end as i64);
-                items.push((expert, r..end, p.copy));
+                items.push((expert, r..end, p.copy, p.node));
                 r = end;
             }
         }
@@ -352,10 +425,10 @@ mod tests {
         let routed = |e: usize| [1, 0, 5][e];
         let on0 = |p: &&Piece| p.node == 0;
         let items = chunks(&by_expert, routed, &on0, &[], 1, 0);
-        let rows: Vec<(usize, i64, i64)> = items.iter().map(|(e, r, _)| (*e, r.start, r.end)).collect();
+        let rows: Vec<(usize, i64, i64)> = items.iter().map(|(e, r, _, _)| (*e, r.start, r.end)).collect();
         assert_eq!(rows[..2], [(0, 0, 64), (0, 64, 100)]);
         assert_eq!(rows[2..], [(2, 0, 16), (2, 16, 32), (2, 32, 48), (2, 48, 64), (2, 64, 80), (2, 80, 96), (2, 96, 100)]);
-        assert!(items.iter().all(|(_, _, copy)| *copy == 0));
+        assert!(items.iter().all(|(_, _, copy, node)| *copy == 0 && *node == 0));
         let skip = chunks(&by_expert, routed, &on0, &[(2, 0)], 1, 0);
         assert_eq!(skip.len(), 2);
     }
@@ -366,14 +439,15 @@ mod tests {
         let by_expert = vec![vec![piece(0, 0..768, 0)], vec![piece(1, 0..384, 0), piece(1, 384..768, 1)], vec![piece(2, 0..104, 0)]];
         let routed = |_: usize| 3;
         let on0 = |p: &&Piece| p.node == 0;
-        let rows =
-            |items: Vec<(usize, std::ops::Range<i64>, usize)>| items.iter().map(|(e, r, _)| (*e, r.start, r.end)).collect::<Vec<_>>();
+        let rows = |items: Vec<(usize, std::ops::Range<i64>, usize, u32)>| {
+            items.iter().map(|(e, r, _, _)| (*e, r.start, r.end)).collect::<Vec<_>>()
+        };
         // 3 threads: 768 rows in parts of 256, 384 in parts of 128, 104 in parts of 40 (35 rounded up to 8-row groups)
         assert_eq!(
             rows(chunks(&by_expert, routed, &on0, &[], 8, 3)),
             [(0, 0, 256), (0, 256, 512), (0, 512, 768), (1, 0, 128), (1, 128, 256), (1, 256, 384), (2, 0, 40), (2, 40, 80), (2, 80, 104)]
         );
-        for (_, r, _) in chunks(&by_expert, routed, &on0, &[], 8, 5) {
+        for (_, r, _, _) in chunks(&by_expert, routed, &on0, &[], 8, 5) {
             assert!(r.start % 8 == 0 && (r.end % 8 == 0 || r.end == 104), "{r:?}");
         }
     }

@@ -82,6 +82,8 @@ pub struct NumaMoeStats {
     pub workers_checked: u64,
     /// Times one was found running on another node (0 unless something overrides affinity).
     pub workers_off_node: u64,
+    /// MUL_MAT ops over placed weight matrices computed by numa-moe's node-local hook.
+    pub mm_ops_computed: u64,
 }
 
 /// Reads the counters into `*out`.
@@ -101,6 +103,7 @@ pub unsafe extern "C" fn numa_moe_stats_get(out: *mut NumaMoeStats) -> NumaMoeRe
             bytes_placed: crate::buffer::PLACED_BYTES.load(Relaxed),
             workers_checked: crate::compute::WORKERS_CHECKED.load(Relaxed),
             workers_off_node: crate::compute::WORKERS_OFF_NODE.load(Relaxed),
+            mm_ops_computed: crate::compute::MM_OPS_COMPUTED.load(Relaxed),
         };
         Ok(())
     })

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use super::api::{rt, NumaMoePageReport};
 use super::{arg_out, boundary, boundary_value, Fail, NumaMoeResult};
 use crate::buffer::{plan_for, NumaBuffer, PlacedTensor, TensorInfo};
+use crate::compute::mm::MmOp;
 use crate::compute::mmid::MmidOp;
 use crate::config::Runtime;
 use crate::ggml::{self, raw, Api, NumaMoeComputeParams, NumaMoeGgmlApi, TensorRef};
@@ -429,16 +430,26 @@ fn placed(t: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<PlacedTen
     Some((buf, buf.placed_at(offset_in(buf, t))?))
 }
 
-/// The parts of a MUL_MAT_ID numa-moe computes itself: its weights' buffer and plan, and the
-/// op with its kernels resolved. `None`: ggml-cpu's stock kernel computes it.
-fn hooked_op(api: &'static Api, op: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>, MmidOp)> {
+/// An op numa-moe computes itself, with its kernels resolved.
+enum Hooked {
+    Mmid(MmidOp),
+    Mm(MmOp),
+}
+
+/// The parts of a MUL_MAT_ID or MUL_MAT numa-moe computes itself: its weights' buffer and
+/// plan, and the op with its kernels resolved. `None`: ggml-cpu's stock kernel computes it.
+fn hooked_op(api: &'static Api, op: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>, Hooked)> {
     let (buf, placed) = placed_weights(op)?;
     if placed.plan.compute == Compute::Stock {
         return None;
     }
     let layout = if buf.repacked() { Some(api.repack_layout(op.src(0)?)?) } else { None };
-    let mm = MmidOp::new(api, op, layout)?;
-    Some((buf, placed, mm))
+    let hooked = match op.op() {
+        raw::GGML_OP_MUL_MAT_ID if placed.plan.tensor.n_expert > 1 => Hooked::Mmid(MmidOp::new(api, op, layout)?),
+        raw::GGML_OP_MUL_MAT if placed.plan.tensor.n_expert == 1 => Hooked::Mm(MmOp::new(api, op, layout)?),
+        _ => return None,
+    };
+    Some((buf, placed, hooked))
 }
 
 /// Whether ggml-cpu can run `op` with a source in our buffer, and, while llama.cpp's loader
@@ -470,7 +481,7 @@ fn supports_op(api: &'static Api, rt: &Runtime, op: TensorRef) -> bool {
         if (0..4).filter_map(|i| op.src(i)).any(in_repack) {
             let Some(src1) = op.src(1) else { return false };
             return repacked
-                && op.op() == raw::GGML_OP_MUL_MAT_ID
+                && (op.op() == raw::GGML_OP_MUL_MAT_ID || op.op() == raw::GGML_OP_MUL_MAT)
                 && src1.ty() == raw::GGML_TYPE_F32
                 && (src1.buffer().is_null() || is_host_buffer(src1));
         }
@@ -480,16 +491,22 @@ fn supports_op(api: &'static Api, rt: &Runtime, op: TensorRef) -> bool {
         }
         return true;
     }
-    if op.op() != raw::GGML_OP_MUL_MAT_ID || !is_ours(src0.buffer_type()) {
+    if !is_ours(src0.buffer_type()) {
         return false;
     }
-    // The loader's probe: take the tensor if the map places it; in the repacked type, only
-    // the tensors CPU_REPACK would take (so the layout, and the results, are stock's).
-    if repacked && (api.repack_layout(src0).is_none() || !api.stock_repacks(op)) {
-        return false;
-    }
+    // The loader's probe: take the tensor if the map places it (expert stacks for MUL_MAT_ID,
+    // weight matrices for MUL_MAT); in the repacked type, only the tensors CPU_REPACK would
+    // take (so the layout, and the results, are stock's).
     let info = tensor_info(api, src0, repacked);
-    if info.expert_tensor().is_none() {
+    let shape_ok = match op.op() {
+        raw::GGML_OP_MUL_MAT_ID => info.expert_tensor().is_some(),
+        raw::GGML_OP_MUL_MAT => info.matrix().is_some(),
+        _ => false,
+    };
+    if !shape_ok {
+        return false;
+    }
+    if repacked && (api.repack_layout(src0).is_none() || !api.stock_repacks(op)) {
         return false;
     }
     if rt.pending_error().is_some() {
@@ -518,8 +535,12 @@ pub unsafe extern "C" fn numa_moe_ggml_work_size(n_threads: i32, op: *const c_vo
     boundary_value("numa_moe_ggml_work_size", false, || {
         // SAFETY: forwarded from this function's contract.
         let (Some(op), Some(size)) = (unsafe { TensorRef::new(op.cast()) }, unsafe { size.as_mut() }) else { return false };
-        let Some((_, _, mm)) = ggml::api().and_then(|api| hooked_op(api, op)) else { return false };
-        *size = crate::compute::work_size(&mm, n_threads.max(1) as usize);
+        let Some((_, _, hooked)) = ggml::api().and_then(|api| hooked_op(api, op)) else { return false };
+        let n = n_threads.max(1) as usize;
+        *size = match &hooked {
+            Hooked::Mmid(mm) => crate::compute::work_size(mm, n),
+            Hooked::Mm(mm) => mm.layout(n).total,
+        };
         true
     })
 }
@@ -537,14 +558,62 @@ pub unsafe extern "C" fn numa_moe_ggml_compute_forward(params: *const NumaMoeCom
         // SAFETY: forwarded from this function's contract.
         let (Some(params), Some(op)) = (unsafe { params.as_ref() }, unsafe { TensorRef::new(op.cast()) }) else { return None };
         let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return None };
-        let (buf, placed, mm) = hooked_op(api, op)?;
-        let work = crate::compute::decide(&mm, &placed, params)?;
-        Some((api, rt, buf, placed, mm, work))
+        let (buf, placed, hooked) = hooked_op(api, op)?;
+        let work = match &hooked {
+            Hooked::Mmid(mm) => crate::compute::decide(mm, &placed, params)?,
+            Hooked::Mm(mm) => crate::compute::decide_mm(mm, &placed, params)?,
+        };
+        Some((api, rt, buf, placed, hooked, work))
     });
-    let Some((api, rt, buf, placed, mm, work)) = decided else { return false };
+    let Some((api, rt, buf, placed, hooked, work)) = decided else { return false };
     // Past the decision point: compute::run finishes the op or aborts, it never unwinds.
-    crate::compute::run(rt, api, &mm, buf, &placed, &work);
+    match &hooked {
+        Hooked::Mmid(mm) => crate::compute::run(rt, api, mm, buf, &placed, &work),
+        Hooked::Mm(mm) => crate::compute::run_mm(rt, api, mm, buf, &placed, &work),
+    }
     true
+}
+
+/// Counts the weight bytes an op ggml-cpu computes itself reads (called by the adapter on
+/// thread 0 of every MUL_MAT, MUL_MAT_ID and GET_ROWS numa-moe does not compute): the
+/// locality counters' "left to llama.cpp" share, and decoded tokens (one-row embedding
+/// lookups). Ops whose first source is not a model weight are ignored.
+///
+/// # Safety
+/// `op` must be a live graph node.
+#[no_mangle]
+pub unsafe extern "C" fn numa_moe_ggml_count_stock(op: *const c_void) {
+    boundary_value("numa_moe_ggml_count_stock", (), || {
+        use crate::compute::locality;
+        if !locality::enabled() {
+            return;
+        }
+        // SAFETY: forwarded from this function's contract.
+        let Some(op) = (unsafe { TensorRef::new(op.cast()) }) else { return };
+        let (Some(api), Some(src0), Some(src1)) = (ggml::api(), op.src(0), op.src(1)) else { return };
+        if !src0.is_weight() {
+            return;
+        }
+        let category = crate::weights::category_of(&src0.name());
+        match op.op() {
+            raw::GGML_OP_GET_ROWS => {
+                let n = src1.nelements().max(0) as u64;
+                locality::record_stock(category, n * src0.nb()[1] as u64, n == 1);
+                if category == crate::weights::Category::Embeddings {
+                    locality::record_tokens(n);
+                }
+            }
+            raw::GGML_OP_MUL_MAT => {
+                locality::record_stock(category, src0.nbytes(api) as u64, src1.ne()[1] == 1);
+            }
+            raw::GGML_OP_MUL_MAT_ID => {
+                let Some(ids) = op.src(2) else { return };
+                let experts = ids.distinct_ids(src0.ne()[2]);
+                locality::record_stock(category, experts * src0.nb()[2] as u64, ids.ne()[1] == 1);
+            }
+            _ => {}
+        }
+    })
 }
 
 /// The numa-moe buffer and plan of a placed expert tensor.

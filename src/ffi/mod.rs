@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod ggml_hooks;
+pub mod locality;
 pub mod routing;
 
 use std::cell::RefCell;

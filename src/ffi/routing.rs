@@ -101,6 +101,11 @@ pub extern "C" fn numa_moe_routing_set_enabled(on: bool) -> NumaMoeResult {
 pub(crate) extern "C" fn at_exit() {
     let _ = std::panic::catch_unwind(|| {
         let Ok(rt) = crate::config::runtime() else { return };
+        if rt.placement_active() {
+            for line in super::locality::report_lines() {
+                eprintln!("{line}");
+            }
+        }
         let Some(p) = stats::profile(&rt.settings().map.render()) else { return };
         for line in stats::report_lines(&p) {
             eprintln!("{line}");

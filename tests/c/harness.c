@@ -667,6 +667,183 @@ static void test_mmid_repacked_layouts(void) {
 #endif
 }
 
+// ---------------------------------------------------------------------------------------
+// mul_mat over a placed weight matrix (attention, shared experts, dense FFN, output head):
+// bit-identical to ggml-cpu's stock kernel (CPU_REPACK's for its layouts)
+
+struct mm_case {
+    enum ggml_type type;
+    int64_t        n_embd, n_out, n_tokens;
+};
+
+// Computes out = W x act with W in `buft` (under `map`, NULL: none), `n_threads` threads; also
+// reports how many MUL_MAT ops numa-moe's hook computed. Caller frees the result.
+static float * run_mm(const struct mm_case * c, ggml_backend_buffer_type_t buft, const uint8_t * wbytes, const float * act, int n_threads,
+                      const char * map, uint64_t * hooked) {
+    if (map && numa_moe_config_set_map(map) != NUMA_MOE_RESULT_OK) {
+        fprintf(stderr, "  set_map(%s): %s\n", map, last_error());
+        return NULL;
+    }
+    struct ggml_init_params wp = { ggml_tensor_overhead(), NULL, true };
+    struct ggml_context *   wctx = ggml_init(wp);
+    struct ggml_tensor *    w    = ggml_new_tensor_2d(wctx, c->type, c->n_embd, c->n_out);
+    ggml_set_name(w, "blk.0.attn_q.weight");
+    ggml_backend_buffer_t wbuf = ggml_backend_alloc_ctx_tensors_from_buft(wctx, buft);
+    float *               res  = NULL;
+    if (wbuf) {
+        ggml_backend_buffer_set_usage(wbuf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        ggml_backend_tensor_set(w, wbytes, 0, ggml_nbytes(w));
+        NumaMoePageReport rep;
+        if (map && !topology_is_described() && numa_moe_tensor_verify(w, &rep) == NUMA_MOE_RESULT_OK) {
+            CHECK(rep.misplaced == 0, "map %s: %" PRIu64 " pages of the matrix off their planned node", map, rep.misplaced);
+        }
+        struct ggml_init_params ip  = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
+        struct ggml_context *   ctx = ggml_init(ip);
+        struct ggml_tensor *    b   = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, c->n_embd, c->n_tokens);
+        memcpy(b->data, act, ggml_nbytes(b));
+        struct ggml_tensor * out = ggml_mul_mat(ctx, w, b);
+        struct ggml_cgraph * gf  = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, out);
+        ggml_backend_t be = ggml_backend_cpu_init();
+        ggml_backend_cpu_set_n_threads(be, n_threads);
+        NumaMoeStats before, after;
+        numa_moe_stats_get(&before);
+        if (ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS) {
+            res = malloc(ggml_nbytes(out));
+            memcpy(res, out->data, ggml_nbytes(out));
+        }
+        numa_moe_stats_get(&after);
+        *hooked = after.mm_ops_computed - before.mm_ops_computed;
+        ggml_backend_free(be);
+        ggml_free(ctx);
+        ggml_backend_buffer_free(wbuf);
+    }
+    ggml_free(wctx);
+    return res;
+}
+
+// Maps that place weight matrices on this machine: on one node only an explicit dense= rule
+// does (auto leaves them to llama.cpp there).
+static const char * const * dense_maps(void) {
+    static const char * multi[] = { "rows", "rows;dense=mirror", "off;dense=rows", "block;dense=rows@1", "rows;dense=interleave", NULL };
+    static const char * one[]   = { "rows;dense=rows", "off;dense=mirror", "rows;dense=rows@0", "rows;dense=interleave", NULL };
+    return node_count() > 1 ? multi : one;
+}
+
+// numa-moe's output with the weights in `got_buft` equals ggml's with them in `ref_buft`,
+// bit for bit, for every map and thread count; where it should compute the op (standard
+// layout: decode, that is one token; repacked layouts: every batch) its hook did.
+static void mm_identical(const struct mm_case * c, const int * threads, ggml_backend_buffer_type_t ref_buft, ggml_backend_buffer_type_t got_buft,
+                         int repacked) {
+    struct ggml_init_params ip   = { ggml_tensor_overhead(), NULL, true };
+    struct ggml_context *   meta = ggml_init(ip);
+    struct ggml_tensor *    wt   = ggml_new_tensor_3d(meta, c->type, c->n_embd, c->n_out, 1);
+    uint8_t *               wbytes = malloc(ggml_nbytes(wt));
+    fill_weights(wt, wbytes);
+    float * act = malloc(sizeof(float) * c->n_embd * c->n_tokens);
+    for (int64_t i = 0; i < c->n_embd * c->n_tokens; i++) {
+        act[i] = rnd_normal();
+    }
+    const size_t out_bytes = sizeof(float) * c->n_out * c->n_tokens;
+    const char * const * maps = dense_maps();
+    for (int ti = 0; threads[ti]; ti++) {
+        uint64_t hooked = 0;
+        numa_moe_config_set_map("off");
+        float * ref = run_mm(c, ref_buft, wbytes, act, threads[ti], NULL, &hooked);
+        CHECK(ref != NULL);
+        for (int mi = 0; maps[mi] && ref; mi++) {
+            float * got = run_mm(c, got_buft, wbytes, act, threads[ti], maps[mi], &hooked);
+            CHECK(got != NULL, "map %s: %s", maps[mi], last_error());
+            const int want = strstr(maps[mi], "interleave") == NULL && (repacked || c->n_tokens == 1);
+            CHECK(hooked == (uint64_t) want, "%s %" PRId64 " tokens, map %s: the hook computed %" PRIu64 " MUL_MAT ops, expected %d",
+                  ggml_type_name(c->type), c->n_tokens, maps[mi], hooked, want);
+            if (got && memcmp(ref, got, out_bytes) != 0) {
+                size_t i = 0;
+                while (i < out_bytes / 4 && memcmp(&ref[i], &got[i], 4) == 0) {
+                    i++;
+                }
+                CHECK(0, "%s %" PRId64 "x%" PRId64 ", %" PRId64 " tokens, %d threads, map %s, %s: output %zu differs from %s's (%g vs %g)",
+                      ggml_type_name(c->type), c->n_out, c->n_embd, c->n_tokens, threads[ti], maps[mi], ggml_backend_buft_name(got_buft), i,
+                      ggml_backend_buft_name(ref_buft), (double) ref[i], (double) got[i]);
+            }
+            free(got);
+        }
+        free(ref);
+    }
+    numa_moe_config_set_map("off");
+    free(act);
+    free(wbytes);
+    ggml_free(meta);
+}
+
+// Every type in the standard layout against ggml-cpu's kernel, decode and batches (which stock
+// computes with llamafile's sgemm or the tiled kernel: numa-moe leaves those to it).
+static void test_mm_every_type(void) {
+    const int threads[] = { 1, 2, 3, 4, 0 };
+    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++) {
+        const struct mm_case cases[] = {
+            { k_types[i], 512, 200, 1 },
+            { k_types[i], 256, 64, 1 },
+            { k_types[i], 256, 96, 9 },
+        };
+        for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+            mm_identical(&cases[k], threads, ggml_backend_cpu_buffer_type(), numa_moe_buft(), 0);
+        }
+    }
+}
+
+// CPU_REPACK's layouts: numa-moe's repacked type against CPU_REPACK, decode, batches of
+// fewer than four rows, gemm's four-row groups with a tail, and prefill.
+static void test_mm_repacked_layouts(void) {
+    if (!numa_moe_repack_buft() || !cpu_repack_buft()) {
+        printf("  (skipped: ggml-cpu has no CPU_REPACK here)\n");
+        return;
+    }
+    const int threads[] = { 1, 2, 3, 4, 0 };
+    for (size_t i = 0; i < sizeof k_types / sizeof k_types[0]; i++) {
+        if (!cpu_repacks(k_types[i], 256, 64)) {
+            continue;
+        }
+        const struct mm_case cases[] = {
+            { k_types[i], 256, 64, 1 }, { k_types[i], 512, 136, 3 }, { k_types[i], 256, 96, 9 }, { k_types[i], 512, 256, 64 },
+        };
+        for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+            mm_identical(&cases[k], threads, cpu_repack_buft(), numa_moe_repack_buft(), 1);
+        }
+    }
+}
+
+// The locality counters: a decoded token's weight reads are all node-local under rows, and
+// counted once per op; ops left to ggml-cpu count as left to llama.cpp.
+static void test_locality_counters(void) {
+    const struct mm_case c = { GGML_TYPE_Q8_0, 512, 256, 1 };
+    struct ggml_init_params ip   = { ggml_tensor_overhead(), NULL, true };
+    struct ggml_context *   meta = ggml_init(ip);
+    struct ggml_tensor *    wt   = ggml_new_tensor_2d(meta, c.type, c.n_embd, c.n_out);
+    uint8_t *               wbytes = malloc(ggml_nbytes(wt));
+    fill_weights(wt, wbytes);
+    float * act = calloc((size_t) c.n_embd, sizeof(float));
+    const char * map = node_count() > 1 ? "rows" : "rows;dense=rows";
+    uint64_t hooked = 0;
+    NumaMoeLocality l0, l1;
+    CHECK(numa_moe_locality_reset() == NUMA_MOE_RESULT_OK);
+    const int n = node_count() > 2 ? node_count() : 3;  // a thread on every node: nothing read across
+    free(run_mm(&c, numa_moe_buft(), wbytes, act, n, map, &hooked));
+    CHECK(numa_moe_locality_get(&l0) == NUMA_MOE_RESULT_OK);
+    CHECK(l0.local_bytes == ggml_nbytes(wt), "local %" PRIu64 " of %zu bytes", l0.local_bytes, ggml_nbytes(wt));
+    CHECK(l0.remote_bytes == 0 && l0.stock_bytes == 0, "remote %" PRIu64 ", stock %" PRIu64, l0.remote_bytes, l0.stock_bytes);
+    CHECK(l0.local_by_category[1] == ggml_nbytes(wt), "attention's share: %" PRIu64, l0.local_by_category[1]);
+    // the same op on a plain CPU buffer of weights: ggml's kernel, counted as left to llama.cpp
+    free(run_mm(&c, ggml_backend_cpu_buffer_type(), wbytes, act, n, "off", &hooked));
+    CHECK(numa_moe_locality_get(&l1) == NUMA_MOE_RESULT_OK);
+    CHECK(l1.stock_bytes - l0.stock_bytes == ggml_nbytes(wt) && l1.local_bytes == l0.local_bytes, "stock %" PRIu64, l1.stock_bytes);
+    CHECK(numa_moe_locality_get(NULL) == NUMA_MOE_RESULT_NULL_ARGUMENT);
+    numa_moe_config_set_map("off");
+    free(act);
+    free(wbytes);
+    ggml_free(meta);
+}
+
 // Writes into the repacked buffer type: CPU_REPACK itself takes only whole tensors (and
 // aborts otherwise); numa-moe converts any write of whole row groups, in pieces, and refuses
 // others with an error naming the tensor instead of aborting.
@@ -1436,6 +1613,9 @@ static const struct test k_tests[] = {
     { "mmid_batches", test_mmid_small_batches },
     { "mmid_prefill", test_mmid_prefill },
     { "mmid_repacked", test_mmid_repacked_layouts },
+    { "mm_every_type", test_mm_every_type },
+    { "mm_repacked", test_mm_repacked_layouts },
+    { "locality_counters", test_locality_counters },
     { "buffer_repacked_writes", test_repacked_writes },
     { "fault_syscalls", test_fault_syscalls },
     { "fault_topology", test_fault_topology },
