@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::expert_map::{layer_of, ExpertMap};
+use crate::expert_map::ExpertMap;
 use crate::gguf::TensorInfo;
 use crate::placement::{self, Binding, Compute, ExpertTensor, PlanOptions, TensorPlan};
 use crate::topology::Topology;
@@ -59,28 +59,16 @@ impl Weight {
         self.ne.iter().fold(1u64, |a, &n| a.saturating_mul(n))
     }
 
-    /// What the planner places of it as a weight matrix (`n_expert == 1`, the map's dense
-    /// rule): a 2-D tensor with rows that is not a routed expert and not the token embeddings
-    /// (read a row at a time by GET_ROWS, not multiplied). Per-head stacks such as MLA's
-    /// `attn_k_b` (ne = [128, 512, n_head], a batched MUL_MAT) are not matrices to the planner
-    /// and stay with llama.cpp.
+    /// What the map's `dense=` rule places of it: a weight matrix as
+    /// [`placement::weight_matrix`] says (2-D, not a norm, the router, a bias or the token
+    /// embeddings), planned as one "expert". Per-head stacks such as MLA's `attn_k_b`
+    /// (ne = [128, 512, n_head], a batched MUL_MAT) are not matrices to the planner and stay
+    /// with llama.cpp, as do routed-expert tensors that are not stacks.
     pub fn dense_tensor(&self) -> Option<ExpertTensor> {
-        let [_, rows, n2, n3] = self.ne;
-        if rows < 2 || n2 != 1 || n3 != 1 || self.row_bytes == 0 {
+        if self.category == Category::RoutedExperts {
             return None;
         }
-        if matches!(self.category, Category::RoutedExperts | Category::Embeddings) {
-            return None;
-        }
-        Some(ExpertTensor {
-            name: self.name.clone(),
-            layer: layer_of(&self.name).filter(|&l| l < crate::expert_map::MAX_LAYERS),
-            type_name: self.type_name.clone(),
-            n_expert: 1,
-            rows,
-            row_bytes: self.row_bytes,
-            row_group: 1,
-        })
+        placement::weight_matrix(&self.name, &self.type_name, self.ne, Some(self.row_bytes), true)
     }
 
     /// The stacked expert tensor the expert map places, for a routed-expert stack.
@@ -205,7 +193,8 @@ impl Placement {
 }
 
 /// The maps a placement plans with: `experts` for routed-expert stacks, `dense` for every
-/// other weight matrix ([`Weight::dense_tensor`]); `None` leaves those tensors to llama.cpp.
+/// other weight matrix ([`Weight::dense_tensor`], by the map's `dense=` rule); `None` leaves
+/// those tensors to llama.cpp.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Maps<'a> {
     pub experts: Option<&'a ExpertMap>,
@@ -501,7 +490,6 @@ impl KvShape {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::expert_map::Policy;
 
     fn info(name: &str, ne: &[u64], ggml_type: u32) -> TensorInfo {
         TensorInfo { name: name.into(), ne: ne.to_vec(), ggml_type, offset: 0 }
@@ -525,7 +513,7 @@ mod tests {
     const MOE: MoeParams = MoeParams { n_expert: 8, n_expert_used: 2 };
 
     fn plans(topo: &Topology, w: &[Weight], placement: Placement) -> Vec<Option<TensorPlan>> {
-        let rows = ExpertMap::policy(Policy::Rows);
+        let rows = ExpertMap::parse("rows;dense=rows").unwrap();
         let maps = match placement {
             Placement::Stock => Maps::default(),
             Placement::ExpertsOnly => Maps { experts: Some(&rows), dense: None },
@@ -559,7 +547,8 @@ mod tests {
         let w = weights_of(&[info("token_embd.weight", &[256, 1000], 8), info("blk.0.attn_q.weight", &[256, 256], 8)]).unwrap();
         assert_eq!(w[0].category, Category::OutputHead);
         assert_eq!(reading(&w[0], &MOE), Reading::Whole);
-        assert!(w[0].dense_tensor().is_some());
+        // the dense rule leaves the token embeddings to llama.cpp, tied or not
+        assert!(w[0].dense_tensor().is_none());
         let w = weights_of(&[info("token_embd.weight", &[256, 1000], 8), info("output.weight", &[256, 1000], 8)]).unwrap();
         assert_eq!((w[0].category, reading(&w[0], &MOE)), (Category::Embeddings, Reading::OneRow(1000)));
         assert!(w[0].dense_tensor().is_none());
@@ -572,8 +561,11 @@ mod tests {
             info("blk.0.attn_k_b.weight", &[128, 512, 128], 8),
             info("blk.0.attn_norm.weight", &[7168], 0),
             info("blk.0.ffn_down_exps.weight", &[2048, 7168, 256], 12),
+            info("blk.0.ffn_gate_inp.weight", &[7168, 256], 0),
         ])
         .unwrap();
+        // the router is a matrix, but left to llama.cpp as the dense rule leaves it
+        assert!(w[4].dense_tensor().is_none());
         let d = w[0].dense_tensor().unwrap();
         assert_eq!((d.n_expert, d.rows, d.row_bytes, d.layer), (1, 24576, 1632, Some(0)));
         assert_eq!(d.bytes(), w[0].bytes);
@@ -603,13 +595,13 @@ mod tests {
         // experts only: the experts local, the rest half
         assert_eq!(experts.category(Category::RoutedExperts).local, experts.category(Category::RoutedExperts).bytes);
         assert_eq!(experts.category(Category::Attention).local, experts.category(Category::Attention).bytes / 2.0);
-        // whole model: every matrix split; only the three f32 norms and the embedding row
-        // stay on node 0
-        let unplaced = whole.category(Category::Embeddings).bytes + 3.0 * 1024.0;
+        // whole model: every matrix split; only the three f32 norms, the two routers and the
+        // embedding row stay on node 0
+        let unplaced = whole.category(Category::Embeddings).bytes + 3.0 * 1024.0 + 2.0 * 8192.0;
         assert!((whole.bytes() - whole.categories.iter().map(|c| c.local).sum::<f64>() - unplaced / 2.0).abs() < 1e-6);
         assert!(whole.local_share() > 0.99 && whole.local_share() > experts.local_share() && experts.local_share() > stock.local_share());
         let kinds: Vec<(&str, usize)> = whole.unplaced.iter().map(|u| (u.0.as_str(), u.1)).collect();
-        assert_eq!(kinds, vec![("attn_norm", 2), ("output_norm", 1), ("token_embd", 1)]);
+        assert_eq!(kinds, vec![("ffn_gate_inp", 2), ("attn_norm", 2), ("output_norm", 1), ("token_embd", 1)]);
         for n in &whole.nodes {
             assert!((n.local - whole.bytes() / 2.0).abs() < whole.bytes() * 0.01, "{n:?}");
         }
@@ -619,7 +611,7 @@ mod tests {
     fn mirror_holds_a_copy_on_every_node_and_reads_it_locally() {
         let w = model();
         let topo = Topology::uniform(2, 4, 64);
-        let mirror = ExpertMap::policy(Policy::Mirror);
+        let mirror = ExpertMap::parse("mirror;dense=mirror").unwrap();
         let p = plan_weights(&topo, &w, Maps { experts: Some(&mirror), dense: Some(&mirror) }, &PlanOptions::default(), &|_| 1).unwrap();
         let f = footprint(&topo, &w, &MOE, &p);
         let experts = f.category(Category::RoutedExperts);
@@ -632,7 +624,7 @@ mod tests {
     fn interleaved_experts_are_read_from_every_node() {
         let w = model();
         let topo = Topology::uniform(2, 4, 64);
-        let il = ExpertMap::policy(Policy::Interleave);
+        let il = ExpertMap::policy(crate::expert_map::Policy::Interleave);
         let p = plan_weights(&topo, &w, Maps { experts: Some(&il), dense: None }, &PlanOptions::default(), &|_| 1).unwrap();
         let e = footprint(&topo, &w, &MOE, &p).category(Category::RoutedExperts).clone();
         assert!((e.local / e.bytes - 0.5).abs() < 1e-12);

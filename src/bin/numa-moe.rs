@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use numa_moe::expert_map::{Body, ExpertMap, Policy, MAX_EXPERTS};
+use numa_moe::expert_map::{Body, ExpertMap, Policy, Resolved, MAX_EXPERTS};
 use numa_moe::footprint::{self, Footprint, KvLayout, KvShape, Maps, MoeParams, Placement};
 use numa_moe::gguf::{self, GgufFile, TensorInfo};
 use numa_moe::json;
@@ -453,15 +453,6 @@ struct TokenReads {
     placements: Vec<(Placement, String, String, Footprint)>,
 }
 
-/// The rule the whole-model placement plans every weight matrix other than the routed
-/// experts by: the map's `dense=` default, `auto` (`rows` on a machine with more than one node
-/// that has memory and CPUs, `off` on one), or `off` when every rule of the map is `off`
-/// (llama.cpp's own placement for everything).
-fn dense_map(map: &ExpertMap) -> ExpertMap {
-    let all_off = map.rules.iter().all(|r| matches!(r.body, Body::Policy { policy: Policy::Off, .. }));
-    ExpertMap::policy(if all_off { Policy::Off } else { Policy::Auto })
-}
-
 /// The reads of one decoded token of `pm` under stock (nothing placed), experts only (`map`
 /// for the experts) and the whole model (`map`, and its dense rule for the rest); `Ok(Err)`
 /// says why they cannot be estimated (hyper-parameters the file does not give).
@@ -477,19 +468,29 @@ fn token_reads(
         Err(e) => return Ok(Err(e.clone())),
     };
     let weights = footprint::weights_of(&pm.tensors)?;
-    let dense = dense_map(map);
-    let effective = |m: &ExpertMap| match m.rules.as_slice() {
-        [r] if matches!(r.body, Body::Policy { policy: Policy::Auto, nodes: None, .. }) => {
-            format!("auto ({})", if topo.compute_nodes().len() > 1 { "rows" } else { "off" })
+    let auto = |p: Policy| match p {
+        Policy::Auto => format!("auto ({})", if topo.compute_nodes().len() > 1 { "rows" } else { "off" }),
+        p => p.name().to_string(),
+    };
+    // the experts' rules alone, and the dense rule as it resolves on this machine
+    let rules = ExpertMap { dense: None, ..map.clone() };
+    let experts_label = match rules.rules.as_slice() {
+        [r] if matches!(r.body, Body::Policy { policy: Policy::Auto, nodes: None, .. }) && r.layers.is_none() => auto(Policy::Auto),
+        _ => rules.render(),
+    };
+    let dense_label = match map.resolve_dense() {
+        Resolved::Policy { policy, nodes: Some(n) } => {
+            format!("{}@{}", policy.name(), n.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","))
         }
-        _ => m.render(),
+        Resolved::Policy { policy, nodes: None } => auto(policy),
+        _ => "off".to_string(),
     };
     let mut placements = Vec::new();
     for p in Placement::ALL {
         let (maps, experts, rest) = match p {
             Placement::Stock => (Maps::default(), "off".to_string(), "off".to_string()),
-            Placement::ExpertsOnly => (Maps { experts: Some(map), dense: None }, effective(map), "off".to_string()),
-            Placement::WholeModel => (Maps { experts: Some(map), dense: Some(&dense) }, effective(map), effective(&dense)),
+            Placement::ExpertsOnly => (Maps { experts: Some(map), dense: None }, experts_label.clone(), "off".to_string()),
+            Placement::WholeModel => (Maps { experts: Some(map), dense: Some(map) }, experts_label.clone(), dense_label.clone()),
         };
         let plans = footprint::plan_weights(topo, &weights, maps, opts, row_group)?;
         placements.push((p, experts, rest, footprint::footprint(topo, &weights, &moe, &plans)));
