@@ -4,6 +4,7 @@
 //! Only the header, the key/value section (skipped, except the alignment and the
 //! architecture) and the tensor infos are read, through a read-only mapping.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
@@ -112,7 +113,18 @@ pub struct GgufFile {
     pub architecture: Option<String>,
     pub alignment: u64,
     pub tensors: Vec<TensorInfo>,
+    /// Integer keys and short integer arrays (at most [`MAX_INT_ARRAY`] elements, e.g. a
+    /// per-layer `head_count_kv`), by key: the hyper-parameters `numa-moe plan` reads
+    /// (`<arch>.expert_used_count`, ...). A scalar is a one-element list; signed values are
+    /// kept as their two's complement bits.
+    pub ints: BTreeMap<String, Vec<u64>>,
 }
+
+/// Longest integer array [`GgufFile::ints`] keeps: per-layer values fit (llama.cpp has at most
+/// 512 layers); token lists and other long arrays are skipped.
+/// Not part of the C API:
+/// cbindgen:ignore
+pub const MAX_INT_ARRAY: u64 = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GgufError(pub String);
@@ -224,7 +236,11 @@ impl<'a> Reader<'a> {
                             GgufError(format!("key \"{key}\" at offset {at} is an array of unknown GGUF value type {et}"))
                         })?;
                         let n = self.count("array elements", size)?;
-                        self.take(n * size)?;
+                        let bytes = self.take(n * size)?;
+                        // integers (not floats or bools), few enough to be per-layer values
+                        if matches!(et, 0..=5 | 10 | 11) && n <= MAX_INT_ARRAY {
+                            return Ok(Value::Ints(bytes.chunks_exact(size as usize).map(le_int).collect()));
+                        }
                     }
                 }
                 Value::Other
@@ -235,8 +251,14 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A little-endian unsigned integer of 1, 2, 4 or 8 bytes.
+fn le_int(b: &[u8]) -> u64 {
+    b.iter().rev().fold(0, |acc, &x| acc << 8 | x as u64)
+}
+
 enum Value {
     Int(u64),
+    Ints(Vec<u64>),
     Str(String),
     Other,
 }
@@ -267,6 +289,7 @@ impl GgufFile {
         let n_kv = r.count("keys", 13)?;
         let mut alignment = 32;
         let mut architecture = None;
+        let mut ints = BTreeMap::new();
         for _ in 0..n_kv {
             let key = r.string()?;
             let t = r.u32()?;
@@ -278,6 +301,12 @@ impl GgufFile {
                     alignment = a;
                 }
                 ("general.architecture", Value::Str(s)) => architecture = Some(s),
+                (_, Value::Int(v)) => {
+                    ints.insert(key, vec![v]);
+                }
+                (_, Value::Ints(v)) => {
+                    ints.insert(key, v);
+                }
                 _ => {}
             }
         }
@@ -328,7 +357,14 @@ impl GgufFile {
             }
             tensors.push(t);
         }
-        Ok(GgufFile { version, architecture, alignment, tensors })
+        Ok(GgufFile { version, architecture, alignment, tensors, ints })
+    }
+
+    /// The integer hyper-parameter `<architecture>.<key>` (`expert_used_count`,
+    /// `attention.head_count_kv`, ...): one value, or one per layer.
+    pub fn hparam(&self, key: &str) -> Option<&[u64]> {
+        let arch = self.architecture.as_deref()?;
+        self.ints.get(&format!("{arch}.{key}")).map(Vec::as_slice)
     }
 
     /// Every stacked expert tensor in the file; an error names the first stack that
@@ -341,18 +377,29 @@ impl GgufFile {
 /// A GGUF file holding only the header, `general.architecture` and a tensor table (no
 /// data): enough for `numa-moe plan`. For tests and examples.
 pub fn write_table_only(tensors: &[(&str, &[u64], u32)]) -> Vec<u8> {
+    write_table_with_keys("qwen3moe", &[], tensors)
+}
+
+/// [`write_table_only`] for architecture `arch`, with integer keys `<arch>.<key>` (u32 values,
+/// as llama.cpp's converter writes them).
+pub fn write_table_with_keys(arch: &str, keys: &[(&str, u32)], tensors: &[(&str, &[u64], u32)]) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(b"GGUF");
     b.extend_from_slice(&3u32.to_le_bytes());
     b.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
-    b.extend_from_slice(&1u64.to_le_bytes());
+    b.extend_from_slice(&(1 + keys.len() as u64).to_le_bytes());
     let s = |b: &mut Vec<u8>, x: &str| {
         b.extend_from_slice(&(x.len() as u64).to_le_bytes());
         b.extend_from_slice(x.as_bytes());
     };
     s(&mut b, "general.architecture");
     b.extend_from_slice(&8u32.to_le_bytes());
-    s(&mut b, "qwen3moe");
+    s(&mut b, arch);
+    for (k, v) in keys {
+        s(&mut b, &format!("{arch}.{k}"));
+        b.extend_from_slice(&4u32.to_le_bytes());
+        b.extend_from_slice(&v.to_le_bytes());
+    }
     let mut off = 0u64;
     for (name, ne, t) in tensors {
         s(&mut b, name);
@@ -453,6 +500,30 @@ mod tests {
         assert!(parse_err(&header(0, 1, &key("x", 13, &[]))).contains("key \"x\" at offset 33 has unknown GGUF value type 13"));
         let err = parse_err(&header(0, 1, &key("general.alignment", 4, &48u32.to_le_bytes())));
         assert!(err.contains("general.alignment 48 is not a power of 2"), "{err}");
+    }
+
+    #[test]
+    fn integer_keys_and_short_integer_arrays_are_kept() {
+        let b = write_table_with_keys("deepseek2", &[("expert_count", 256), ("expert_used_count", 8)], &[]);
+        let f = GgufFile::parse(&b).unwrap();
+        assert_eq!(f.hparam("expert_count"), Some(&[256][..]));
+        assert_eq!(f.hparam("expert_used_count"), Some(&[8][..]));
+        assert_eq!(f.hparam("block_count"), None);
+        // a per-layer i32 array is kept; a u8 scalar is read; a long array is not kept
+        let arr = |et: u32, vals: &[u8], n: u64| {
+            let mut v = et.to_le_bytes().to_vec();
+            v.extend_from_slice(&n.to_le_bytes());
+            v.extend_from_slice(vals);
+            v
+        };
+        let mut kv = key("general.architecture", 8, &[1, 0, 0, 0, 0, 0, 0, 0, b'm']);
+        kv.extend(key("m.attention.head_count_kv", 9, &arr(5, &[4, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0], 3)));
+        kv.extend(key("m.x", 0, &[7]));
+        kv.extend(key("m.tokens", 9, &arr(1, &[0; 1025], 1025)));
+        let f = GgufFile::parse(&header(0, 4, &kv)).unwrap();
+        assert_eq!(f.hparam("attention.head_count_kv"), Some(&[4, 0, 258][..]));
+        assert_eq!(f.hparam("x"), Some(&[7][..]));
+        assert_eq!(f.hparam("tokens"), None);
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`compute`]: node-bound kernels on ggml-cpu's threads (the routed mul_mat_id), the
 //!   work-buffer protocol and the worker layout
 //! - [`gguf`]: the tensor table of a model file, for `numa-moe plan`
+//! - [`shapes`]: built-in tensor tables of published models (`numa-moe plan --shape`)
+//! - [`footprint`]: the bytes a decoded token reads, by category and node, under a placement
 //! - [`weights`]: what a weight tensor is for (routed experts, attention, ...), by name
 //! - [`ffi`]: the C ABI
 
@@ -22,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod expert_map;
 pub mod ffi;
+pub mod footprint;
 pub mod ggml;
 pub mod gguf;
 pub mod json;
@@ -30,6 +33,7 @@ pub mod memory;
 pub mod placement;
 pub mod report;
 pub mod routing;
+pub mod shapes;
 pub mod sys;
 pub mod topology;
 pub mod weights;

@@ -416,3 +416,216 @@ fn plan_shows_the_layout_each_stack_gets() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("{\"type\":\"q4_K\",\"row_group\":1,\"tensors\":2,\"repacked\":false}"), "{out}");
 }
+
+/// `numa-moe plan ... --json`, parsed.
+fn plan_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["plan"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let (code, out, err) = tool(&all);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The footprint's per-token figure `key` of category `cat`.
+fn per_token(j: &serde_json::Value, cat: &str, key: &str) -> f64 {
+    let cats = j["footprint"]["categories"].as_array().unwrap();
+    cats.iter().find(|c| c["category"] == cat).unwrap_or_else(|| panic!("no {cat}"))[key].as_f64().unwrap()
+}
+
+/// The share read node-local under `placement` (of category `cat`, or of everything).
+fn local_share(j: &serde_json::Value, placement: &str, cat: Option<&str>) -> f64 {
+    let p = j["footprint"]["placements"].as_array().unwrap().iter().find(|p| p["placement"] == placement).unwrap();
+    match cat {
+        None => p["local_share"].as_f64().unwrap(),
+        Some(c) => p["categories"].as_array().unwrap().iter().find(|x| x["category"] == c).unwrap()["local_share"].as_f64().unwrap(),
+    }
+}
+
+fn within_1pct(got: f64, want: f64, what: &str) {
+    assert!((got - want).abs() <= want * 0.01, "{what}: {got} vs {want}");
+}
+
+const TWO_SOCKETS: &str = "package:2 numa:1 core:64 pu:2";
+
+#[test]
+fn plan_shapes_read_what_the_published_configs_say() {
+    // DeepSeek-V3: 58 MoE layers of 8 routed experts (3 x 7168 x 2048 each), MLA attention in
+    // 61 layers, one shared expert per MoE layer, 3 dense FFN layers, the output head
+    let ds = plan_json(&["--shape", "deepseek-v3", "--topology", TWO_SOCKETS]);
+    let mla = 7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 2 * 128 * 512 * 128 + 128 * 128 * 7168;
+    for (cat, want, issue) in [
+        ("routed_experts", 58.0 * 8.0 * 3.0 * 7168.0 * 2048.0, 20.4),
+        ("attention", 61.0 * mla as f64, 11.4),
+        ("shared_experts", 58.0 * 3.0 * 7168.0 * 2048.0, 2.6),
+        ("dense_ffn", 3.0 * 3.0 * 7168.0 * 18432.0, 1.2),
+        ("output_head", 7168.0 * 129280.0, 0.9),
+    ] {
+        let got = per_token(&ds, cat, "params_per_token");
+        within_1pct(got, want, cat);
+        // the issue's figures, to the one decimal it gives
+        assert_eq!(format!("{:.1}", got / 1e9), format!("{issue:.1}"), "{cat}");
+    }
+    // q4_K experts (144 bytes per 256 weights), q8_0 elsewhere (34 per 32)
+    within_1pct(per_token(&ds, "routed_experts", "bytes_per_token"), 58.0 * 8.0 * 3.0 * 7168.0 * 2048.0 * 144.0 / 256.0, "expert bytes");
+    within_1pct(per_token(&ds, "output_head", "bytes_per_token"), 7168.0 * 129280.0 * 34.0 / 32.0, "head bytes");
+    assert_eq!(ds["expert_tensors"], 174, "attn_k_b/attn_v_b are not expert stacks");
+    assert_eq!(ds["kv_cache"]["bytes_per_token"], 61 * 576 * 2 * 4096);
+
+    let qw = plan_json(&["--shape", "qwen3-235b", "--topology", TWO_SOCKETS, "--ctx", "32768"]);
+    let gqa = 4096 * 8192 + 2 * 4096 * 512 + 8192 * 4096;
+    for (cat, want, issue) in [
+        ("routed_experts", 94.0 * 8.0 * 3.0 * 4096.0 * 1536.0, 14.2),
+        ("attention", 94.0 * gqa as f64, 6.7),
+        ("output_head", 4096.0 * 151936.0, 0.6),
+    ] {
+        let got = per_token(&qw, cat, "params_per_token");
+        within_1pct(got, want, cat);
+        assert_eq!(format!("{:.1}", got / 1e9), format!("{issue:.1}"), "{cat}");
+    }
+    assert_eq!(per_token(&qw, "shared_experts", "params_per_token"), 0.0);
+    assert_eq!(qw["kv_cache"]["bytes_per_token"], 94u64 * 4 * 256 * 2 * 32768);
+    assert_eq!(qw["kv_cache"]["layout"], "gqa");
+}
+
+#[test]
+fn plan_shapes_predict_locality_of_each_placement_on_two_sockets() {
+    let qw = plan_json(&["--shape", "qwen3-235b", "--topology", TWO_SOCKETS]);
+    let ds = plan_json(&["--shape", "deepseek-v3", "--topology", TWO_SOCKETS]);
+    for j in [&qw, &ds] {
+        let (stock, experts, whole) =
+            (local_share(j, "stock", None), local_share(j, "experts_only", None), local_share(j, "whole_model", None));
+        // two equal nodes: what node 0 holds, node 1's threads read remotely
+        assert!((stock - 0.5).abs() < 1e-6, "{stock}");
+        assert!(stock < experts && experts < whole, "{stock} {experts} {whole}");
+        assert_eq!(local_share(j, "experts_only", Some("routed_experts")), 1.0);
+        assert!((local_share(j, "experts_only", Some("attention")) - 0.5).abs() < 1e-6);
+        for cat in ["routed_experts", "output_head"] {
+            assert_eq!(local_share(j, "whole_model", Some(cat)), 1.0, "{cat}");
+        }
+    }
+    // Qwen3-235B: everything but the f32 routers and the norms is placed
+    assert!(local_share(&qw, "whole_model", None) >= 0.99, "{}", local_share(&qw, "whole_model", None));
+    // DeepSeek-V3: MLA's per-head attn_k_b/attn_v_b (3-D, a batched MUL_MAT, not matrices to
+    // the dense rule) and the f32 routers stay with llama.cpp; with the norms they are the
+    // whole of what is not local
+    let whole = &ds["footprint"]["placements"][2];
+    let unplaced = whole["unplaced"].as_array().unwrap();
+    let left: f64 = unplaced.iter().map(|u| u["bytes_per_token"].as_f64().unwrap()).sum();
+    let kinds: Vec<(&str, u64)> = unplaced.iter().take(3).map(|u| (u["kind"].as_str().unwrap(), u["tensors"].as_u64().unwrap())).collect();
+    assert_eq!(kinds, [("attn_k_b", 61), ("attn_v_b", 61), ("ffn_gate_inp", 58)]);
+    let total = ds["footprint"]["bytes_per_token"].as_f64().unwrap();
+    within_1pct(1.0 - local_share(&ds, "whole_model", None), left / 2.0 / total, "remote share");
+    assert!(local_share(&ds, "whole_model", None) >= 0.97, "{}", local_share(&ds, "whole_model", None));
+    assert!(local_share(&ds, "whole_model", Some("shared_experts")) == 1.0);
+    // per node: the whole model splits the reads evenly, each node reading its own
+    let nodes = whole["nodes"].as_array().unwrap();
+    let read = |n: usize, k: &str| nodes[n][k].as_f64().unwrap();
+    within_1pct(read(0, "read_local"), read(1, "read_local") + read(1, "read_remote"), "node reads");
+    assert_eq!(read(0, "read_remote"), 0.0);
+    // one node: nothing to place, everything local
+    let one = plan_json(&["--shape", "qwen3-235b", "--topology", "package:1 numa:1 core:8 pu:1"]);
+    for p in ["stock", "experts_only", "whole_model"] {
+        assert_eq!(local_share(&one, p, None), 1.0, "{p}");
+    }
+}
+
+#[test]
+fn plan_whole_model_follows_the_maps_dense_rule() {
+    let held = |j: &serde_json::Value, node: usize, cat: &str| {
+        j["footprint"]["placements"][2]["nodes"][node]["held_by_category"][cat].as_u64().unwrap()
+    };
+    // dense=off: the whole model is the experts only
+    let off = plan_json(&["--shape", "qwen3-235b", "--map", "rows;dense=off", "--topology", TWO_SOCKETS]);
+    assert_eq!(local_share(&off, "whole_model", None), local_share(&off, "experts_only", None));
+    assert_eq!(off["footprint"]["placements"][2]["dense_map"], "off");
+    // dense=mirror: a copy of every matrix on each node, read locally
+    let rows = plan_json(&["--shape", "qwen3-235b", "--topology", TWO_SOCKETS]);
+    let mirror = plan_json(&["--shape", "qwen3-235b", "--map", "rows;dense=mirror", "--topology", TWO_SOCKETS]);
+    assert_eq!(mirror["footprint"]["placements"][2]["dense_map"], "mirror");
+    assert_eq!(local_share(&mirror, "whole_model", Some("attention")), local_share(&rows, "whole_model", Some("attention")));
+    let (r, m) = (held(&rows, 1, "output_head"), held(&mirror, 1, "output_head"));
+    within_1pct(m as f64, 2.0 * r as f64, "a whole copy of the head on node 1");
+    // the map "off": llama.cpp's placement for every weight
+    let all_off = plan_json(&["--shape", "qwen3-235b", "--map", "off", "--topology", TWO_SOCKETS]);
+    assert_eq!(local_share(&all_off, "whole_model", None), local_share(&all_off, "stock", None));
+}
+
+#[test]
+fn plan_shape_text_and_types() {
+    let (code, out, err) = tool(&["plan", "--shape", "qwen3-235b", "--topology", TWO_SOCKETS]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("model: qwen3-235b (qwen3moe), 282 expert tensors"), "{out}");
+    let total = out.lines().find(|l| l.trim_start().starts_with("total ")).unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(total.split_whitespace().rev().take(3).collect::<Vec<_>>(), ["99.4%", "75.0%", "50.0%"], "{total}");
+    assert!(out.contains("KV cache (a model: f16") && out.contains("at --ctx 4096 (GQA: 4 KV heads x (128 + 128)"), "{out}");
+    // q8_0 experts: 34 bytes per 32 weights
+    let j = plan_json(&["--shape", "qwen3-235b", "--topology", TWO_SOCKETS, "--expert-type", "q8_0", "--dense-type", "bf16"]);
+    within_1pct(per_token(&j, "routed_experts", "bytes_per_token"), 94.0 * 8.0 * 3.0 * 4096.0 * 1536.0 * 34.0 / 32.0, "q8_0 experts");
+    within_1pct(per_token(&j, "output_head", "bytes_per_token"), 4096.0 * 151936.0 * 2.0, "bf16 head");
+}
+
+#[test]
+fn plan_shape_errors_name_the_problem() {
+    let (code, _, err) = tool(&["plan", "--shape", "llama-4-maverick", "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown --shape \"llama-4-maverick\" (built-in shapes: deepseek-v3, qwen3-235b)"), "{err}");
+    let model = qwen3_like(1);
+    let (code, _, err) = tool(&["plan", "--shape", "deepseek-v3", "--model", model.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("give --model M.gguf or --shape NAME, not both"), "{err}");
+    let (code, _, err) = tool(&["plan", "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("plan needs --model M.gguf or --shape NAME (deepseek-v3, qwen3-235b)"), "{err}");
+    let (code, _, err) = tool(&["plan", "--model", model.to_str().unwrap(), "--expert-type", "q8_0", "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--expert-type is for --shape NAME"), "{err}");
+    let (code, _, err) = tool(&["plan", "--shape", "deepseek-v3", "--dense-type", "q9_K", "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--dense-type: \"q9_K\" is not a ggml type"), "{err}");
+    let (code, _, err) = tool(&["plan", "--shape", "deepseek-v3", "--ctx", "0", "--topology", TWO_NODES]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--ctx 0 is out of range (1-4294967295)"), "{err}");
+}
+
+#[test]
+fn plan_a_model_file_reports_its_bytes_per_token_from_its_keys() {
+    // 2 layers of 8 experts (2 used) of 256 x 512 q4_K, a q8_0 attention projection, and the keys
+    let tensors: Vec<(String, Vec<u64>, u32)> = (0..2)
+        .flat_map(|l| {
+            [
+                (format!("blk.{l}.attn_q.weight"), vec![256, 512], 8),
+                (format!("blk.{l}.attn_norm.weight"), vec![256], 0),
+                (format!("blk.{l}.ffn_up_exps.weight"), vec![256, 512, 8], 12),
+            ]
+        })
+        .collect();
+    let refs: Vec<(&str, &[u64], u32)> = tensors.iter().map(|(n, ne, t)| (n.as_str(), ne.as_slice(), *t)).collect();
+    let keys = [
+        ("expert_count", 8),
+        ("expert_used_count", 2),
+        ("block_count", 2),
+        ("attention.head_count", 4),
+        ("attention.head_count_kv", 2),
+        ("embedding_length", 256),
+    ];
+    let model = temp_file("with-keys.gguf", &numa_moe::gguf::write_table_with_keys("qwen3moe", &keys, &refs));
+    let j = plan_json(&["--model", model.to_str().unwrap(), "--map", "rows", "--topology", TWO_NODES, "--ctx", "100"]);
+    assert_eq!(per_token(&j, "routed_experts", "bytes_per_token"), 2.0 * 2.0 * 512.0 * 144.0);
+    assert_eq!(per_token(&j, "attention", "bytes_per_token"), 2.0 * (512.0 * 272.0 + 1024.0));
+    assert_eq!(j["footprint"]["n_expert_used"], 2);
+    // 2 layers x 2 KV heads x (64 + 64) values x 2 bytes x 100 positions
+    assert_eq!(j["kv_cache"]["bytes_per_token"], 2 * 2 * 128 * 2 * 100);
+    // the whole model places the attention too: only the norms stay on node 0
+    assert_eq!(local_share(&j, "whole_model", Some("routed_experts")), 1.0);
+    assert!(local_share(&j, "whole_model", Some("attention")) > 0.99);
+    // a file without expert_used_count: the plan as before, the footprint not estimated
+    let bare = qwen3_like(1);
+    let j = plan_json(&["--model", bare.to_str().unwrap(), "--map", "rows", "--topology", TWO_NODES]);
+    assert!(j["footprint"].is_null());
+    assert_eq!(j["footprint_note"], "the file does not give qwen3moe.expert_used_count");
+    assert_eq!(j["warnings"], serde_json::json!([]));
+    let (code, out, _) = tool(&["plan", "--model", bare.to_str().unwrap(), "--topology", TWO_NODES]);
+    assert_eq!(code, 0);
+    assert!(out.contains("bytes per decoded token: not estimated (the file does not give qwen3moe.expert_used_count)"), "{out}");
+}

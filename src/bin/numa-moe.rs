@@ -2,7 +2,8 @@
 //!
 //!   numa-moe topology [--topology SPEC] [--json]
 //!   numa-moe check-map MAP [--experts N] [--topology SPEC]
-//!   numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--no-repack] [--json]
+//!   numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--no-repack] [--ctx N] [--json]
+//!   numa-moe plan --shape NAME [--expert-type T] [--dense-type T] [same options]
 //!   numa-moe verify --pid PID [--json]
 //!   numa-moe routing FILE [--map MAP] [--topology SPEC] [--out DIR]
 //!   numa-moe --version
@@ -16,18 +17,22 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use numa_moe::expert_map::{Body, ExpertMap, Policy, MAX_EXPERTS};
-use numa_moe::gguf::GgufFile;
+use numa_moe::expert_map::{Body, ExpertMap, Policy, Resolved, MAX_EXPERTS};
+use numa_moe::footprint::{self, Footprint, KvLayout, KvShape, Maps, MoeParams, Placement};
+use numa_moe::gguf::{self, GgufFile, TensorInfo};
 use numa_moe::json;
 use numa_moe::memory::parse_numa_maps;
 use numa_moe::placement::{self, plan_tensor, plan_workers, PlanOptions, TensorPlan};
 use numa_moe::routing::{self as rt, MapPlacement, RoutingProfile};
+use numa_moe::shapes;
 use numa_moe::topology::{format_gib, render_cpu_list, Topology};
+use numa_moe::weights::{category_of, Category};
 
 const USAGE: &str = "usage:
   numa-moe topology [--topology SPEC] [--json]
   numa-moe check-map MAP [--experts N] [--topology SPEC]
-  numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--no-repack] [--json]
+  numa-moe plan --model M.gguf [--map MAP] [--topology SPEC] [--threads N] [--no-repack] [--ctx N] [--json]
+  numa-moe plan --shape NAME [--expert-type T] [--dense-type T] [same options as with --model]
   numa-moe verify --pid PID [--json]
   numa-moe routing FILE [--map MAP] [--topology SPEC] [--out DIR]
   numa-moe --version
@@ -35,7 +40,10 @@ const USAGE: &str = "usage:
 SPEC: \"host\", an hwloc synthetic description such as \"package:2 numa:4 core:8 pu:2\",
 or an hwloc XML file (default: NUMA_MOE_TOPOLOGY, else this machine).
 MAP: see docs/EXPERT_MAP.md (e.g. rows, block, mirror, \"0-7:0,8-15:1\").
-FILE: a routing profile (NUMA_MOE_ROUTING_OUT), JSON or CSV: see docs/ROUTING.md.";
+FILE: a routing profile (NUMA_MOE_ROUTING_OUT), JSON or CSV: see docs/ROUTING.md.
+NAME: a built-in model shape: deepseek-v3, qwen3-235b (experts q4_K, the rest q8_0 unless
+--expert-type/--dense-type say otherwise). plan also reports the bytes a decoded token reads
+by category and node (a model), and the KV cache's at --ctx N (default 4096).";
 
 /// Most threads a plan may lay out: ggml's GGML_MAX_N_THREADS (ggml.h of the pinned llama.cpp).
 const MAX_THREADS: usize = 512;
@@ -161,15 +169,96 @@ fn layout_summary(experts: &[placement::ExpertTensor]) -> Vec<(String, u64, usiz
     out
 }
 
+/// The model `numa-moe plan` plans: a GGUF file's tensor table, or a built-in shape.
+struct PlannedModel {
+    /// The file's path, or the shape's name.
+    name: String,
+    architecture: Option<String>,
+    /// For a shape: what it is built from, and its types.
+    shape: Option<(String, String)>,
+    tensors: Vec<TensorInfo>,
+    /// The MoE hyper-parameters, or why they are unknown.
+    moe: Result<MoeParams, String>,
+    kv: Option<KvShape>,
+}
+
+fn planned_model(a: &Args) -> Result<PlannedModel, String> {
+    let (model, shape) = (a.options.get("model"), a.options.get("shape"));
+    if shape.is_none() {
+        if let Some(o) = ["expert-type", "dense-type"].iter().find(|o| a.options.contains_key(**o)) {
+            return Err(format!("--{o} is for --shape NAME (a model file's tensors have their own types)"));
+        }
+    }
+    match (model, shape) {
+        (Some(_), Some(_)) => Err("give --model M.gguf or --shape NAME, not both".into()),
+        (None, None) => Err(format!("plan needs --model M.gguf or --shape NAME ({})", shape_names())),
+        (None, Some(name)) => {
+            let mut types = shapes::Types::default();
+            if let Some(t) = a.options.get("expert-type") {
+                types.experts = shapes::type_by_name(t).map_err(|e| format!("--expert-type: {e}"))?;
+            }
+            if let Some(t) = a.options.get("dense-type") {
+                types.dense = shapes::type_by_name(t).map_err(|e| format!("--dense-type: {e}"))?;
+            }
+            let m = shapes::build(name, types)?;
+            let type_name = |id: u32| gguf::type_info(id).map_or("?", |t| t.0);
+            let how = format!(
+                "routed experts {}, other weight matrices {}, norms and router f32",
+                type_name(types.experts),
+                type_name(types.dense)
+            );
+            Ok(PlannedModel {
+                name: m.name.to_string(),
+                architecture: Some(m.architecture.to_string()),
+                shape: Some((m.description.to_string(), how)),
+                tensors: m.tensors,
+                moe: Ok(m.moe),
+                kv: Some(m.kv),
+            })
+        }
+        (Some(path), None) => {
+            let gguf = GgufFile::open(Path::new(path)).map_err(|e| e.to_string())?;
+            let key = |k: &str| gguf.hparam(k).and_then(|v| v.first().copied());
+            let arch = gguf.architecture.as_deref().unwrap_or("?");
+            let moe = match (key("expert_count"), key("expert_used_count")) {
+                (Some(n), Some(used)) => MoeParams::new(n, used).map_err(|e| format!("{arch}.{e}")),
+                (_, None) => Err(format!("the file does not give {arch}.expert_used_count")),
+                (None, _) => Err(format!("the file does not give {arch}.expert_count")),
+            };
+            Ok(PlannedModel {
+                name: path.clone(),
+                architecture: gguf.architecture.clone(),
+                shape: None,
+                moe,
+                kv: KvShape::from_keys(|k| gguf.hparam(k)),
+                tensors: gguf.tensors,
+            })
+        }
+    }
+}
+
+fn shape_names() -> String {
+    shapes::SHAPES.iter().map(|s| s.0).collect::<Vec<_>>().join(", ")
+}
+
 fn cmd_plan(a: &Args) -> Result<(), String> {
-    a.check(&["json", "no-repack"], &["model", "map", "topology", "threads"], 0)?;
-    let model = PathBuf::from(a.options.get("model").ok_or("plan needs --model M.gguf")?);
+    a.check(&["json", "no-repack"], &["model", "shape", "expert-type", "dense-type", "map", "topology", "threads", "ctx"], 0)?;
+    let pm = planned_model(a)?;
+    let model = PathBuf::from(&pm.name);
+    let ctx: u64 = a.number("ctx", 1..=u32::MAX as u64)?.unwrap_or(4096);
     let topo = a.topology()?;
     let map_text = a.options.get("map").map(String::as_str).unwrap_or("auto");
     // as at load: `balanced` rules read their routing profiles
     let (map, fallback) = numa_moe::config::parse_map(&topo, map_text).map_err(|e| e.to_string())?;
-    let gguf = GgufFile::open(&model).map_err(|e| e.to_string())?;
-    let mut experts = gguf.expert_tensors().map_err(|e| format!("{}: {e}", model.display()))?;
+    // routed experts only: MLA's per-head attn_k_b/attn_v_b are stacks too, but llama.cpp
+    // multiplies them with MUL_MAT, which numa-moe's expert buffer never takes
+    let mut experts: Vec<placement::ExpertTensor> = pm
+        .tensors
+        .iter()
+        .filter(|t| category_of(&t.name) == Category::RoutedExperts)
+        .filter_map(|t| t.expert_tensor().transpose())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", model.display()))?;
     if experts.is_empty() {
         return Err(format!("{} has no stacked expert tensors (not a Mixture-of-Experts model?)", model.display()));
     }
@@ -257,6 +346,9 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
     // each tensor's size fits in 64 bits (the reader checks), and so does their sum: the
     // reader checks that the data section's offsets do not overflow
     let total: u64 = experts.iter().map(|t| t.bytes()).sum();
+    let row_group =
+        |t: &placement::ExpertTensor| if no_repack { 1 } else { placement::predicted_repack_group(&t.type_name, t.rows, cpu).unwrap_or(1) };
+    let reads = token_reads(&topo, &pm, &map, &opts, &row_group)?;
     if a.json() {
         let nodes: Vec<String> = rows
             .iter()
@@ -286,9 +378,10 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
             format!(",\"expected_load\":{{\"profile\":{},\"maps\":[{}]}}", json::string(origin), maps.join(","))
         });
         println!(
-            "{{\"model\":{},\"architecture\":{},\"expert_tensors\":{},\"expert_bytes\":{},\"layouts\":[{}],\"map\":{},\"threads\":{},\"nodes\":[{}],\"warnings\":[{}]{expected_json}}}",
+            "{{\"model\":{},\"shape\":{},\"architecture\":{},\"expert_tensors\":{},\"expert_bytes\":{},\"layouts\":[{}],\"map\":{},\"threads\":{},\"nodes\":[{}],\"warnings\":[{}]{expected_json},{}}}",
             json::string(&model.display().to_string()),
-            gguf.architecture.as_deref().map_or("null".into(), json::string),
+            pm.shape.is_some(),
+            pm.architecture.as_deref().map_or("null".into(), json::string),
             experts.len(),
             total,
             layout
@@ -299,17 +392,21 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
             json::string(&map.render()),
             threads,
             nodes.join(","),
-            warnings.iter().map(|w| json::string(w)).collect::<Vec<_>>().join(",")
+            warnings.iter().map(|w| json::string(w)).collect::<Vec<_>>().join(","),
+            token_reads_json(&reads, pm.kv.as_ref(), ctx)
         );
         return Ok(());
     }
     println!(
         "model: {} ({}), {} expert tensors, {} of experts",
         model.display(),
-        gguf.architecture.as_deref().unwrap_or("?"),
+        pm.architecture.as_deref().unwrap_or("?"),
         experts.len(),
         format_gib(total)
     );
+    if let Some((what, types)) = &pm.shape {
+        println!("shape: {what}; {types}");
+    }
     print!("machine: {}", topo.render_text().lines().next().unwrap_or(""));
     println!();
     let layouts: Vec<String> = layout
@@ -342,10 +439,254 @@ fn cmd_plan(a: &Args) -> Result<(), String> {
     if let Some((origin, rows)) = &expected {
         print_expected_load(&topo, origin, rows);
     }
+    print_token_reads(&reads, pm.kv.as_ref(), ctx);
     for w in &warnings {
         println!("warning: {w}");
     }
     Ok(())
+}
+
+/// What a decoded token reads under the three placements `numa-moe plan` compares.
+struct TokenReads {
+    moe: MoeParams,
+    /// (placement, its expert map, its dense rule, the reads).
+    placements: Vec<(Placement, String, String, Footprint)>,
+}
+
+/// The reads of one decoded token of `pm` under stock (nothing placed), experts only (`map`
+/// for the experts) and the whole model (`map`, and its dense rule for the rest); `Ok(Err)`
+/// says why they cannot be estimated (hyper-parameters the file does not give).
+fn token_reads(
+    topo: &Topology,
+    pm: &PlannedModel,
+    map: &ExpertMap,
+    opts: &PlanOptions,
+    row_group: &dyn Fn(&placement::ExpertTensor) -> u64,
+) -> Result<Result<TokenReads, String>, String> {
+    let moe = match &pm.moe {
+        Ok(m) => *m,
+        Err(e) => return Ok(Err(e.clone())),
+    };
+    let weights = footprint::weights_of(&pm.tensors)?;
+    let auto = |p: Policy| match p {
+        Policy::Auto => format!("auto ({})", if topo.compute_nodes().len() > 1 { "rows" } else { "off" }),
+        p => p.name().to_string(),
+    };
+    // the experts' rules alone, and the dense rule as it resolves on this machine
+    let rules = ExpertMap { dense: None, ..map.clone() };
+    let experts_label = match rules.rules.as_slice() {
+        [r] if matches!(r.body, Body::Policy { policy: Policy::Auto, nodes: None, .. }) && r.layers.is_none() => auto(Policy::Auto),
+        _ => rules.render(),
+    };
+    let dense_label = match map.resolve_dense() {
+        Resolved::Policy { policy, nodes: Some(n) } => {
+            format!("{}@{}", policy.name(), n.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","))
+        }
+        Resolved::Policy { policy, nodes: None } => auto(policy),
+        _ => "off".to_string(),
+    };
+    let mut placements = Vec::new();
+    for p in Placement::ALL {
+        let (maps, experts, rest) = match p {
+            Placement::Stock => (Maps::default(), "off".to_string(), "off".to_string()),
+            Placement::ExpertsOnly => (Maps { experts: Some(map), dense: None }, experts_label.clone(), "off".to_string()),
+            Placement::WholeModel => (Maps { experts: Some(map), dense: Some(map) }, experts_label.clone(), dense_label.clone()),
+        };
+        let plans = footprint::plan_weights(topo, &weights, maps, opts, row_group)?;
+        placements.push((p, experts, rest, footprint::footprint(topo, &weights, &moe, &plans)));
+    }
+    Ok(Ok(TokenReads { moe, placements }))
+}
+
+/// Bytes or counts with an SI prefix: "11.49 GB", "424.9 MB", "7.2 k".
+fn si(v: f64, unit: &str) -> String {
+    let sp = if unit.is_empty() { "" } else { " " };
+    for (scale, prefix) in [(1e9, "G"), (1e6, "M"), (1e3, "k")] {
+        if v >= scale {
+            let digits = if scale == 1e9 { 2 } else { 1 };
+            return format!("{:.digits$} {prefix}{unit}", v / scale);
+        }
+    }
+    format!("{v:.0}{sp}{unit}")
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.1}%", v * 100.0)
+}
+
+const FOOTPRINT_MODEL: &str = "a model, not a measurement: a token reads n_used/n_expert of every routed-expert tensor, one \
+     embedding row and every other tensor whole; placed pieces are read by the node that computes them; a tensor left to \
+     llama.cpp lies on the node that first touched it at load and is read by every node's threads in proportion to their cores";
+
+fn print_token_reads(reads: &Result<TokenReads, String>, kv: Option<&KvShape>, ctx: u64) {
+    let r = match reads {
+        Ok(r) => r,
+        Err(why) => {
+            println!("bytes per decoded token: not estimated ({why})");
+            return;
+        }
+    };
+    let Some((_, _, _, first)) = r.placements.first() else { return };
+    let total = first.bytes();
+    println!();
+    println!(
+        "bytes one decoded token reads ({} of {} experts per layer), and the share read node-local under three placements",
+        r.moe.n_expert_used, r.moe.n_expert
+    );
+    println!("({FOOTPRINT_MODEL}):");
+    print!("  {:<16}  {:>12}  {:>11}  {:>6}", "category", "params/token", "bytes/token", "share");
+    for (p, ..) in &r.placements {
+        print!("  {:>19}", p.label());
+    }
+    println!();
+    for c in &first.categories {
+        if c.tensors == 0 {
+            continue;
+        }
+        print!("  {:<16}  {:>12}  {:>11}  {:>6}", c.category.name(), si(c.params, ""), si(c.bytes, "B"), pct(c.bytes / total.max(1.0)));
+        for (.., f) in &r.placements {
+            let cf = f.category(c.category);
+            print!("  {:>19}", pct(if cf.bytes > 0.0 { cf.local / cf.bytes } else { 1.0 }));
+        }
+        println!();
+    }
+    print!("  {:<16}  {:>12}  {:>11}  {:>6}", "total", si(first.params(), ""), si(total, "B"), pct(1.0));
+    for (.., f) in &r.placements {
+        print!("  {:>19}", pct(f.local_share()));
+    }
+    println!();
+    for (p, experts, rest, f) in &r.placements[1..] {
+        println!("  {}: routed experts by the map \"{experts}\", every other weight matrix \"{rest}\"", p.label());
+        if *p == Placement::WholeModel && !f.unplaced.is_empty() {
+            let left: f64 = f.unplaced.iter().map(|u| u.2).sum();
+            let kinds: Vec<String> = f.unplaced.iter().take(4).map(|(k, n, b)| format!("{k} x{n} {}", si(*b, "B"))).collect();
+            let more = if f.unplaced.len() > 4 { ", ..." } else { "" };
+            println!("    left to llama.cpp: {} per token: {}{more}", si(left, "B"), kinds.join(", "));
+        }
+    }
+    println!("per node: weights held (every copy) and bytes read per decoded token by the node's threads:");
+    println!("  {:<19}  {:>4}  {:>5}  {:>10}  {:>11}  {:>12}", "placement", "node", "cores", "held", "read local", "read remote");
+    for (p, _, _, f) in &r.placements {
+        for (i, n) in f.nodes.iter().enumerate() {
+            let label = if i == 0 { p.label() } else { "" };
+            println!(
+                "  {:<19}  {:>4}  {:>5}  {:>10}  {:>11}  {:>12}",
+                label,
+                n.node,
+                n.cores,
+                format_gib(n.held_total()),
+                si(n.local, "B"),
+                si(n.remote, "B")
+            );
+        }
+    }
+    match kv {
+        Some(kv) => println!(
+            "KV cache (a model: f16, every layer over the whole context): {} read per decoded token at --ctx {ctx} ({}, {} layers); weights: {}",
+            si(kv.bytes_per_token(ctx) as f64, "B"),
+            kv.describe(),
+            kv.n_layer,
+            si(total, "B")
+        ),
+        None => println!("KV cache: not estimated (the file does not give the attention's shape)"),
+    }
+}
+
+fn token_reads_json(reads: &Result<TokenReads, String>, kv: Option<&KvShape>, ctx: u64) -> String {
+    let kv_json = kv.map_or("null".to_string(), |kv| {
+        format!(
+            "{{\"ctx\":{ctx},\"layout\":{},\"layers\":{},\"values_per_position\":{},\"bytes_per_token\":{},\"describe\":{}}}",
+            json::string(match kv.layout {
+                KvLayout::Mla { .. } => "mla",
+                KvLayout::Gqa { .. } => "gqa",
+            }),
+            kv.n_layer,
+            kv.values_per_position(),
+            kv.bytes_per_token(ctx),
+            json::string(&kv.describe())
+        )
+    });
+    let r = match reads {
+        Ok(r) => r,
+        Err(why) => return format!("\"footprint\":null,\"footprint_note\":{},\"kv_cache\":{kv_json}", json::string(why)),
+    };
+    let Some((_, _, _, first)) = r.placements.first() else { return format!("\"footprint\":null,\"kv_cache\":{kv_json}") };
+    let total = first.bytes().max(1.0);
+    let categories: Vec<String> = first
+        .categories
+        .iter()
+        .map(|c| {
+            format!(
+                "{{\"category\":{},\"tensors\":{},\"held\":{},\"params_per_token\":{:.0},\"bytes_per_token\":{:.0},\"share\":{:.6}}}",
+                json::string(c.category.key()),
+                c.tensors,
+                c.held,
+                c.params,
+                c.bytes,
+                c.bytes / total
+            )
+        })
+        .collect();
+    let placements: Vec<String> = r
+        .placements
+        .iter()
+        .map(|(p, experts, rest, f)| {
+            let cats: Vec<String> = f
+                .categories
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{{\"category\":{},\"local_share\":{:.6}}}",
+                        json::string(c.category.key()),
+                        if c.bytes > 0.0 { c.local / c.bytes } else { 1.0 }
+                    )
+                })
+                .collect();
+            let nodes: Vec<String> = f
+                .nodes
+                .iter()
+                .map(|n| {
+                    let held: Vec<String> =
+                        Category::ALL.iter().map(|c| format!("{}:{}", json::string(c.key()), n.held[c.index()])).collect();
+                    format!(
+                        "{{\"node\":{},\"cores\":{},\"held\":{},\"held_by_category\":{{{}}},\"read_local\":{:.0},\"read_remote\":{:.0}}}",
+                        n.node,
+                        n.cores,
+                        n.held_total(),
+                        held.join(","),
+                        n.local,
+                        n.remote
+                    )
+                })
+                .collect();
+            let unplaced: Vec<String> = f
+                .unplaced
+                .iter()
+                .map(|(k, n, b)| format!("{{\"kind\":{},\"tensors\":{n},\"bytes_per_token\":{b:.0}}}", json::string(k)))
+                .collect();
+            format!(
+                "{{\"placement\":{},\"label\":{},\"experts_map\":{},\"dense_map\":{},\"local_share\":{:.6},\"categories\":[{}],\"nodes\":[{}],\"unplaced\":[{}]}}",
+                json::string(p.key()),
+                json::string(p.label()),
+                json::string(experts),
+                json::string(rest),
+                f.local_share(),
+                cats.join(","),
+                nodes.join(","),
+                unplaced.join(",")
+            )
+        })
+        .collect();
+    format!(
+        "\"footprint\":{{\"model\":{},\"n_expert\":{},\"n_expert_used\":{},\"params_per_token\":{:.0},\"bytes_per_token\":{:.0},\"categories\":[{}],\"placements\":[{}]}},\"kv_cache\":{kv_json}",
+        json::string(FOOTPRINT_MODEL),
+        r.moe.n_expert,
+        r.moe.n_expert_used,
+        first.params(),
+        first.bytes(),
+        categories.join(","),
+        placements.join(",")
+    )
 }
 
 /// The first routing profile a `balanced` rule of `map` loaded, and its file.
@@ -793,7 +1134,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let with_value = ["topology", "map", "model", "threads", "pid", "experts", "out"];
+    let with_value = ["topology", "map", "model", "shape", "expert-type", "dense-type", "ctx", "threads", "pid", "experts", "out"];
     let result = match cmd {
         "--version" | "-V" | "version" => {
             println!("numa-moe {}", env!("CARGO_PKG_VERSION"));
