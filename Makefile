@@ -107,7 +107,8 @@ $(FAULT_LIB): Cargo.toml build.rs $(shell find src -name '*.rs') | lib
 
 fault-lib: $(FAULT_LIB)
 
-# the op-level benchmark (make bench runs it), on the native build's ggml
+# the op-level benchmark (make bench runs it: MUL_MAT_ID, and MUL_MAT with --op mm), on the native
+# build's ggml
 $(ROOT)/build/mmid_bench: tests/bench/mmid_bench.c tests/bench/bench_util.h tests/c/cpu_extra_bufts.h include/numa_moe.h lib native-libs
 	@mkdir -p build
 	$(CC) $(CFLAGS_T) -Iinclude -I$(GGML_INC) $< -o $@ -L$(ROOT)/target/release -lnuma_moe -L$(NATIVE_BIN) -lggml-base -lggml-cpu -lggml \

@@ -7,6 +7,10 @@
 #      second stock copy as an A/A control); then the qwen3 decode op with one thread
 #   3. the same op benchmark with numa-moe planning for a described 2-node machine
 #      (NUMA_MOE_TOPOLOGY) on this host: the cost of a 2-way split, not a NUMA speedup
+#   3b. op level, MUL_MAT: build/mmid_bench --op mm, the weight matrices of DeepSeek-V3 and
+#      Qwen3-235B (attention, shared expert, output head) in q4_K, q8_0 and bf16 on the
+#      described 2-node plan (map rows: the dense= rule's auto splits their rows), stock vs
+#      numa-moe vs stock+CPU_REPACK vs numa-moe repacked
 #   4. end to end: llama-bench pp and tg on Qwen3-30B-A3B-shaped random models (q4_K and mxfp4
 #      experts, which CPU_REPACK repacks, and bf16 experts, which it does not take), stock vs
 #      LD_PRELOAD=libnuma_moe.so --numa-expert-map rows (one node, and a described 2-node plan),
@@ -24,7 +28,7 @@
 #   BENCH_PP / BENCH_TG  prompt and generated tokens of llama-bench (default 128 / 32)
 #   BENCH_WAIT     seconds to wait for other processes to quiet down before each part (default 60)
 #   BENCH_QUICK=1  a short smoke run (op benchmark --quick, one round, no bf16 model)
-#   BENCH_SKIP     space-separated parts to skip: op split e2e
+#   BENCH_SKIP     space-separated parts to skip: op split mm routing e2e
 set -uo pipefail
 
 source "$(dirname "$0")/lib.sh"
@@ -160,6 +164,27 @@ if ! skip split; then
             | tee "$OUT/mmid-split-$(echo "$topo" | tr -dc '0-9').md"
         echo
     done
+fi
+
+if ! skip mm; then
+    echo "## MUL_MAT over weight matrices, op level, on a described 2-node plan (build/mmid_bench --op mm)"
+    echo
+    echo "One MUL_MAT node (activations [K, tokens]) over one weight matrix of DeepSeek-V3 or Qwen3-235B (attention,"
+    echo "shared expert, output head; K x N = n_embd x rows), decode (1 token) and prefill, on one ggml threadpool of"
+    echo "$T threads, with NUMA_MOE_TOPOLOGY=\"$TWO\" and map rows: the map's dense= rule (auto) splits every"
+    echo "matrix's rows between the two described nodes and numa-moe's hook computes each part on the threads planned"
+    echo "there (decode in ggml's layout, every batch in CPU_REPACK's; prefill in ggml's layout stays ggml's kernel)."
+    echo "Memory is not bound and all threads share this machine's memory: the cost of the split, not a NUMA gain"
+    echo "(target: numa-moe / baseline time <= 1.03). Baseline: stock (ggml's CPU buffer), or stock+repack where"
+    echo "CPU_REPACK takes the type (q4_K), with a second copy of it as the A/A control; the LLC flushed before every"
+    echo "op, variants interleaved, medians; outputs checked bitwise against the baseline's."
+    echo
+    wait_quiet
+    quick=()
+    [ "$QUICK" = 1 ] && quick=(--quick)
+    NUMA_MOE_TOPOLOGY="$TWO" build/mmid_bench --op mm --map rows --threads "$T" --bw-gib 0 "${quick[@]}" | tee "$OUT/mm-split-2.md"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || echo "**mmid_bench --op mm reported a failed check (see above)**"
+    echo
 fi
 
 if ! skip routing; then

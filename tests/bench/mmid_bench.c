@@ -1,4 +1,5 @@
-// mmid_bench: op-level MUL_MAT_ID benchmark, stock ggml-cpu vs numa-moe, same threads, one run.
+// mmid_bench: op-level MUL_MAT_ID benchmark (and, with --op mm, MUL_MAT over weight matrices),
+// stock ggml-cpu vs numa-moe, same threads, one run.
 //
 // For every (shape, type, mode) the same expert weights are put in
 //   stock              ggml_backend_cpu_buffer_type()   ggml-cpu's own kernel
@@ -18,6 +19,16 @@
 // weights / time. Once per case numa-moe's output is compared bitwise with stock's, numa-moe
 // repacked's with CPU_REPACK's, and numa_moe_stats_get must show that the hook computed every
 // op of both numa-moe variants.
+//
+// --op mm: the same for MUL_MAT over a 2-D weight matrix (attention, shared experts, dense
+// FFN, output head; DeepSeek-V3's and Qwen3-235B's, named in the table) in q4_K, q8_0 and
+// bf16: one ggml_mul_mat node (activations [K, tokens]) over weights named as llama.cpp names
+// them, placed by the map's dense= rule (default "rows;dense=rows", which places them on one
+// node too; on a multi-node machine, described ones included, "rows" does). Every op reads the
+// whole matrix (GB/s: its bytes / time); there is no routing. numa-moe's hook computes
+// decode (one token) in both layouts and prefill only in the repacked one (prefill in ggml's
+// layout is ggml's own kernel reading numa-moe's placed bytes), and mm_ops_computed must say
+// so op for op. A matrix that does not fit --mem-gib gets fewer rows (printed).
 //
 // Build (scripts/bench.sh does this): the flags of the C harness (Makefile, build/c/harness)
 // plus -pthread. Run `mmid_bench --help`. Prints a markdown table on stdout; progress and
@@ -49,18 +60,45 @@
 // cases
 
 struct shape {
-    const char * name;
+    const char * name;      // for --shape
     int64_t      n_expert, n_used, n_embd, n_ff;
+    const char * label;     // --op mm: the row's name in the table (followed by K x N); NULL: name
+    const char * tensor;    // --op mm: the weight's name; NULL: an expert stack
 };
 
-static const struct shape k_shapes[] = {
-    { "qwen3-30b-a3b", 128, 8, 2048, 768 },
-    { "deepseek-v3", 256, 8, 7168, 2048 },
-    { "gpt-oss-120b", 128, 4, 2880, 2880 },
+static const struct shape k_mmid_shapes[] = {
+    { "qwen3-30b-a3b", 128, 8, 2048, 768, NULL, NULL },
+    { "deepseek-v3", 256, 8, 7168, 2048, NULL, NULL },
+    { "gpt-oss-120b", 128, 4, 2880, 2880, NULL, NULL },
+};
+
+// --op mm: one weight matrix, K x N = n_embd x rows (n_ff), named as llama.cpp names it
+static const struct shape k_mm_shapes[] = {
+    { "dsv3-q_a", 1, 1, 7168, 1536, "dsv3 q_a", "blk.0.attn_q_a.weight" },
+    { "dsv3-q_b", 1, 1, 1536, 24576, "dsv3 q_b", "blk.0.attn_q_b.weight" },
+    { "dsv3-kv_a", 1, 1, 7168, 576, "dsv3 kv_a_mqa", "blk.0.attn_kv_a_mqa.weight" },
+    { "dsv3-kv_b", 1, 1, 512, 32768, "dsv3 kv_b", "blk.0.attn_kv_b.weight" },
+    { "dsv3-attn_out", 1, 1, 16384, 7168, "dsv3 attn_output", "blk.0.attn_output.weight" },
+    { "dsv3-shexp_up", 1, 1, 7168, 2048, "dsv3 shexp up", "blk.3.ffn_up_shexp.weight" },
+    { "dsv3-shexp_down", 1, 1, 2048, 7168, "dsv3 shexp down", "blk.3.ffn_down_shexp.weight" },
+    { "dsv3-head", 1, 1, 7168, 129280, "dsv3 head", "output.weight" },
+    { "qwen3-235b-q", 1, 1, 4096, 8192, "qwen3-235b q", "blk.0.attn_q.weight" },
+    { "qwen3-235b-k", 1, 1, 4096, 512, "qwen3-235b k", "blk.0.attn_k.weight" },
+    { "qwen3-235b-attn_out", 1, 1, 8192, 4096, "qwen3-235b attn_output", "blk.0.attn_output.weight" },
+    { "qwen3-235b-head", 1, 1, 4096, 151936, "qwen3-235b head", "output.weight" },
 };
 
 // the four CPU_REPACK takes on x86 with AVX2 (q4_0, q4_K, iq4_nl, mxfp4), and two it does not
-static const enum ggml_type k_types[] = { GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_IQ4_NL, GGML_TYPE_MXFP4, GGML_TYPE_Q8_0, GGML_TYPE_BF16 };
+static const enum ggml_type k_mmid_types[] = { GGML_TYPE_Q4_0, GGML_TYPE_Q4_K, GGML_TYPE_IQ4_NL, GGML_TYPE_MXFP4, GGML_TYPE_Q8_0, GGML_TYPE_BF16 };
+// --op mm: what the big dense matrices of those models come in (CPU_REPACK takes q4_K on x86)
+static const enum ggml_type k_mm_types[] = { GGML_TYPE_Q4_K, GGML_TYPE_Q8_0, GGML_TYPE_BF16 };
+
+// the op benchmarked (--op): its shapes and types
+static int                    g_mm;  // MUL_MAT over a weight matrix, not MUL_MAT_ID
+static const struct shape *   k_shapes;
+static size_t                 k_nshapes;
+static const enum ggml_type * k_types;
+static size_t                 k_ntypes;
 
 // V_NREPACK: numa-moe's repacked buffer type (NUMA_MOE_REPACK). V_REPACK2 and V_STOCK2: second
 // copies of the CPU_REPACK and the stock weights, timed like the others: the A/A controls
@@ -90,27 +128,36 @@ static struct {
     double       bw_gib;          // streaming-read buffer; 0: skip
     int          flush;           // flush the LLC before every op
     int          stock_thp;       // madvise(MADV_HUGEPAGE) the stock and repack weights
-    const char * map;
+    const char * map;             // NULL: the op's default
     uint64_t     seed;
     int          retries;         // reruns of a case's timed rounds when others were busy
     double       max_others;      // share of the CPUs others may use while timing (0..1)
     enum control control;         // which A/A controls to time
-} g_opt = { 2, 0, -1, NULL, NULL, NULL, 0, 128, 12.0, 2.0, 1, 0, "rows", 42, 2, 0.10, C_AUTO };
+} g_opt = { 2, 0, -1, NULL, NULL, NULL, 0, 128, 12.0, 2.0, 1, 0, NULL, 42, 2, 0.10, C_AUTO };
 
 static void usage(FILE * f) {
     fprintf(f,
             "usage: mmid_bench [options]\n"
+            "  --op OP             mmid: MUL_MAT_ID over expert stacks (default); mm: MUL_MAT over\n"
+            "                      the weight matrices of DeepSeek-V3 and Qwen3-235B\n"
             "  --threads N         ggml threads for every variant (default 2)\n"
             "  --iters N           timed rounds per case (default: decode 100, prefill 8; at least\n"
             "                      twice the number of variants timed)\n"
             "  --warmup N          untimed rounds first (default: decode 5, prefill 1)\n"
-            "  --shape NAME[,...]  qwen3-30b-a3b | deepseek-v3 | gpt-oss-120b (default: all)\n"
-            "  --type T[,...]      q4_0 | q4_K | iq4_nl | mxfp4 | q8_0 | bf16 (default: all)\n"
+            "  --shape NAME[,...]  qwen3-30b-a3b | deepseek-v3 | gpt-oss-120b (default: all);\n"
+            "                      --op mm: dsv3-q_a | dsv3-q_b | dsv3-kv_a | dsv3-kv_b |\n"
+            "                      dsv3-attn_out | dsv3-shexp_up | dsv3-shexp_down | dsv3-head |\n"
+            "                      qwen3-235b-q | qwen3-235b-k | qwen3-235b-attn_out |\n"
+            "                      qwen3-235b-head (default: all)\n"
+            "  --type T[,...]      q4_0 | q4_K | iq4_nl | mxfp4 | q8_0 | bf16 (default: all);\n"
+            "                      --op mm: q4_K | q8_0 | bf16 (default: all)\n"
             "  --mode M            decode | prefill (default: both)\n"
             "  --prefill-tokens N  tokens of a prefill op (default 128)\n"
-            "  --quick             short smoke run: qwen3 shape, 32-token prefill, few rounds\n"
+            "  --quick             short smoke run: qwen3 shape (--op mm: dsv3-q_a and qwen3-235b-k),\n"
+            "                      32-token prefill, few rounds\n"
             "  --mem-gib X         memory for all copies of one case's weights (default 12);\n"
-            "                      a shape that does not fit gets fewer experts (printed)\n"
+            "                      a shape that does not fit gets fewer experts (--op mm: rows;\n"
+            "                      printed)\n"
             "  --bw-gib X          streaming-read buffer (default 2; 0 skips the measurement)\n"
             "  --no-flush          do not flush the last-level cache before every op\n"
             "  --control C         A/A controls, second copies timed like the others: auto (default:\n"
@@ -120,7 +167,8 @@ static void usage(FILE * f) {
             "  --no-control        the same as --control none\n"
             "  --stock-thp         ask transparent huge pages for the stock and repack weights\n"
             "                      (numa-moe's buffer asks for them only with NUMA_MOE_THP=1)\n"
-            "  --map MAP           numa-moe expert map (default rows)\n"
+            "  --map MAP           numa-moe expert map (default rows; --op mm: rows;dense=rows,\n"
+            "                      which places the matrices on one node too)\n"
             "  --seed S            routing and weights seed (default 42)\n"
             "  --retries N         rerun a case's timed rounds up to N times when other processes\n"
             "                      used more than --max-others of the CPUs meanwhile (default 2)\n"
@@ -142,6 +190,13 @@ static int parse_args(int argc, char ** argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             exit(0);
+        } else if (!strcmp(a, "--op")) {
+            NEED_ARG();
+            if (strcmp(next, "mmid") && strcmp(next, "mm")) {
+                fprintf(stderr, "mmid_bench: --op is mmid or mm\n");
+                return 0;
+            }
+            g_mm = !strcmp(next, "mm");
         } else if (!strcmp(a, "--threads")) {
             NEED_ARG();
             g_opt.threads = atoi(next);
@@ -216,9 +271,17 @@ static int parse_args(int argc, char ** argv) {
         fprintf(stderr, "mmid_bench: bad --threads, --iters or --prefill-tokens\n");
         return 0;
     }
+    k_shapes  = g_mm ? k_mm_shapes : k_mmid_shapes;
+    k_nshapes = g_mm ? sizeof k_mm_shapes / sizeof k_mm_shapes[0] : sizeof k_mmid_shapes / sizeof k_mmid_shapes[0];
+    k_types   = g_mm ? k_mm_types : k_mmid_types;
+    k_ntypes  = g_mm ? sizeof k_mm_types / sizeof k_mm_types[0] : sizeof k_mmid_types / sizeof k_mmid_types[0];
+    if (!g_opt.map) {
+        // on one node only an explicit dense= rule places a weight matrix
+        g_opt.map = g_mm ? "rows;dense=rows" : "rows";
+    }
     if (g_opt.quick) {
         if (!g_opt.shape) {
-            g_opt.shape = "qwen3-30b-a3b";
+            g_opt.shape = g_mm ? "dsv3-q_a,qwen3-235b-k" : "qwen3-30b-a3b";
         }
         g_opt.prefill_tokens = 32;
         if (g_opt.bw_gib > 0.25) {
@@ -514,21 +577,23 @@ static void find_bufts(void) {
     g_repack_buft  = cpu_extra_buft("CPU_REPACK");
 }
 
-// Whether CPU_REPACK takes a MUL_MAT_ID over expert weights of this type and row count,
-// asked the way ggml asks it: the weights in a CPU_REPACK buffer, the device's supports_op.
+// Whether CPU_REPACK takes a MUL_MAT_ID over expert weights (--op mm: a MUL_MAT over a
+// weight matrix) of this type and row count, asked the way ggml asks it: the weights in a
+// CPU_REPACK buffer, the device's supports_op.
 static int repack_takes(enum ggml_type type, int64_t n_embd, int64_t n_ff) {
     if (!g_repack_buft) {
         return 0;
     }
     struct ggml_init_params ip  = { 8 * ggml_tensor_overhead(), NULL, true };
     struct ggml_context *   ctx = ggml_init(ip);
-    struct ggml_tensor *    w   = ggml_new_tensor_3d(ctx, type, n_embd, n_ff, 2);  // 3-D, as ggml checks
+    struct ggml_tensor *    w   = g_mm ? ggml_new_tensor_2d(ctx, type, n_embd, n_ff)
+                                       : ggml_new_tensor_3d(ctx, type, n_embd, n_ff, 2);  // 3-D, as ggml checks
     ggml_backend_buffer_t   buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, g_repack_buft);
     int                     ok  = 0;
     if (buf) {
         struct ggml_tensor * b   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_embd, 1, 1);
         struct ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, 1);
-        struct ggml_tensor * op  = ggml_mul_mat_id(ctx, w, b, ids);
+        struct ggml_tensor * op  = g_mm ? ggml_mul_mat(ctx, w, b) : ggml_mul_mat_id(ctx, w, b, ids);
         ok = ggml_backend_dev_supports_op(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU), op);
         ggml_backend_buffer_free(buf);
     }
@@ -542,12 +607,13 @@ struct weights {
     struct ggml_tensor *  w;
 };
 
-static int weights_alloc(struct weights * e, ggml_backend_buffer_type_t buft, enum ggml_type type, int64_t n_embd,
+// an expert stack [n_embd, n_ff, n_expert], or (s->tensor) a weight matrix [n_embd, n_ff]
+static int weights_alloc(struct weights * e, ggml_backend_buffer_type_t buft, enum ggml_type type, const struct shape * s,
                          int64_t n_ff, int64_t n_expert) {
     struct ggml_init_params ip = { 2 * ggml_tensor_overhead(), NULL, true };
     e->ctx = ggml_init(ip);
-    e->w   = ggml_new_tensor_3d(e->ctx, type, n_embd, n_ff, n_expert);
-    ggml_set_name(e->w, "blk.0.ffn_up_exps.weight");
+    e->w   = s->tensor ? ggml_new_tensor_2d(e->ctx, type, s->n_embd, n_ff) : ggml_new_tensor_3d(e->ctx, type, s->n_embd, n_ff, n_expert);
+    ggml_set_name(e->w, s->tensor ? s->tensor : "blk.0.ffn_up_exps.weight");
     e->buf = ggml_backend_alloc_ctx_tensors_from_buft(e->ctx, buft);
     if (!e->buf) {
         ggml_free(e->ctx);
@@ -576,7 +642,8 @@ static void advise_thp(struct ggml_tensor * w) {
 }
 
 // ---------------------------------------------------------------------------------------
-// one graph per variant: the MUL_MAT_ID node over that variant's weights
+// one graph per variant: the MUL_MAT_ID node over that variant's weights (--op mm: the
+// MUL_MAT node, activations [K, tokens], no ids)
 
 struct graph {
     struct ggml_context * ctx;
@@ -591,10 +658,11 @@ static void graph_build(struct graph * g, struct ggml_tensor * w, const float * 
                  sizeof(int32_t) * (size_t) (n_used * n_tokens) + 8 * ggml_tensor_overhead() + ggml_graph_overhead() + (1 << 20);
     struct ggml_init_params ip = { mem, NULL, false };
     g->ctx                     = ggml_init(ip);
-    struct ggml_tensor * b     = ggml_new_tensor_3d(g->ctx, GGML_TYPE_F32, K, 1, n_tokens);
-    g->ids                     = ggml_new_tensor_2d(g->ctx, GGML_TYPE_I32, n_used, n_tokens);
+    struct ggml_tensor * b     = g_mm ? ggml_new_tensor_2d(g->ctx, GGML_TYPE_F32, K, n_tokens)
+                                      : ggml_new_tensor_3d(g->ctx, GGML_TYPE_F32, K, 1, n_tokens);
+    g->ids                     = g_mm ? NULL : ggml_new_tensor_2d(g->ctx, GGML_TYPE_I32, n_used, n_tokens);
     memcpy(b->data, act, ggml_nbytes(b));
-    g->out = ggml_mul_mat_id(g->ctx, w, b, g->ids);
+    g->out = g_mm ? ggml_mul_mat(g->ctx, w, b) : ggml_mul_mat_id(g->ctx, w, b, g->ids);
     g->gf  = ggml_new_graph(g->ctx);
     ggml_build_forward_expand(g->gf, g->out);
 }
@@ -602,7 +670,9 @@ static void graph_build(struct graph * g, struct ggml_tensor * w, const float * 
 static ggml_backend_t g_backend;
 
 static double graph_run(struct graph * g, const int32_t * ids) {
-    memcpy(g->ids->data, ids, ggml_nbytes(g->ids));
+    if (g->ids) {
+        memcpy(g->ids->data, ids, ggml_nbytes(g->ids));
+    }
     flush_llc();
     double t0 = now_s();
     enum ggml_status st = ggml_backend_graph_compute(g_backend, g->gf);
@@ -622,18 +692,19 @@ struct result {
     enum ggml_type       type;
     const char *         mode;
     int64_t              n_expert;   // experts in the tensor (may be fewer than the model's)
+    int64_t              n_rows;     // --op mm: rows of the matrix (may be fewer than the model's)
     int64_t              n_tokens;
     int                  na;         // the type cannot represent the shape
     int                  skipped;    // did not fit the memory budget
     int                  has[V_COUNT];
     double               med[V_COUNT], iqr[V_COUNT];
-    double               bytes;      // mean routed-expert bytes per op
+    double               bytes;      // mean routed-expert bytes per op (--op mm: the matrix's)
     char                 check[128]; // "ok", "**MISMATCH**", "**HOOK NOT USED**", or why n/a
     double               repack_rel; // RMS of (repack - stock) / RMS of stock
     double               others;     // share of the CPUs other processes used while timing
 };
 
-#define MAX_RESULTS 64
+#define MAX_RESULTS 128
 static struct result g_res[MAX_RESULTS];
 static int           g_nres;
 static int           g_failures;
@@ -644,9 +715,10 @@ static int           g_failures;
 #define N_COLS 16
 
 static void print_header(void) {
-    printf("| shape | type | mode | experts | stock ms | numa-moe ms | numa-moe / stock time | A/A: stock copy 2 / stock | "
+    printf("| shape | type | mode | %s | stock ms | numa-moe ms | numa-moe / stock time | A/A: stock copy 2 / stock | "
            "stock+repack ms | numa-moe repacked ms | **numa-moe repacked / stock+repack time** | A/A: repack copy 2 / stock+repack | "
-           "GB/s stock / repack | noise | others | check |\n");
+           "GB/s stock / repack | noise | others | check |\n",
+           g_mm ? "rows" : "experts");
     printf("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
 }
 
@@ -660,7 +732,11 @@ static void print_cells(char cells[N_COLS][160]) {
 static void print_row(const struct result * r) {
     char cells[N_COLS][160];
     memset(cells, 0, sizeof cells);
-    snprintf(cells[0], sizeof cells[0], "%s", r->s->name);
+    if (g_mm) {
+        snprintf(cells[0], sizeof cells[0], "%s %" PRId64 "x%" PRId64, r->s->label, r->s->n_embd, r->s->n_ff);
+    } else {
+        snprintf(cells[0], sizeof cells[0], "%s", r->s->name);
+    }
     snprintf(cells[1], sizeof cells[1], "%s", ggml_type_name(r->type));
     if (r->na) {
         snprintf(cells[2], sizeof cells[2], "%s", r->mode);
@@ -675,10 +751,11 @@ static void print_row(const struct result * r) {
         print_cells(cells);
         return;
     }
-    if (r->n_expert != r->s->n_expert) {
-        snprintf(cells[3], sizeof cells[3], "%" PRId64 " of %" PRId64, r->n_expert, r->s->n_expert);
+    const int64_t have = g_mm ? r->n_rows : r->n_expert, want = g_mm ? r->s->n_ff : r->s->n_expert;
+    if (have != want) {
+        snprintf(cells[3], sizeof cells[3], "%" PRId64 " of %" PRId64, have, want);
     } else {
-        snprintf(cells[3], sizeof cells[3], "%" PRId64, r->n_expert);
+        snprintf(cells[3], sizeof cells[3], "%" PRId64, have);
     }
     const double st = r->med[V_STOCK], nm = r->med[V_NUMA];
     snprintf(cells[4], sizeof cells[4], "%.3f", st * 1e3);
@@ -753,6 +830,17 @@ static int64_t distinct_experts(const int32_t * ids, int64_t n, int64_t n_expert
     return d;
 }
 
+// the hook's op counter of the op benchmarked
+static uint64_t hook_ops(const NumaMoeStats * st) {
+    return g_mm ? st->mm_ops_computed : st->ops_computed;
+}
+
+// ops the hook computes per run of variant v: every numa-moe op, except (--op mm) batches of
+// two or more tokens in ggml's layout, which ggml-cpu's own kernel computes
+static int hook_expected(int v, int64_t n_tokens) {
+    return v == V_NREPACK || (v == V_NUMA && (!g_mm || n_tokens == 1));
+}
+
 static void run_mode(struct result * r, struct weights * wv, const int * has, const char * mode) {
     const struct shape * s        = r->s;
     const int64_t        n_tokens = !strcmp(mode, "decode") ? 1 : g_opt.prefill_tokens;
@@ -769,6 +857,7 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
     r->mode     = mode;
     r->n_tokens = n_tokens;
     r->n_expert = wv[V_STOCK].w->ne[2];
+    r->n_rows   = wv[V_STOCK].w->ne[1];
     for (int v = 0; v < V_COUNT; v++) {
         r->has[v] = has[v];
     }
@@ -781,23 +870,27 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
     // the routing sequence: one entry per round. The j-th variant takes entry (i + j*D) mod
     // nseq in round i (D = nseq / variants >= 2): every variant walks the whole sequence,
     // and no two consecutive ops (the order rotates every round) share their routing.
-    const int64_t per  = s->n_used * n_tokens;
+    // --op mm has no routing (per = 0): every op reads the whole matrix.
+    const int64_t per  = g_mm ? 0 : s->n_used * n_tokens;
     const int     nseq = rounds;
-    int32_t *     seq  = malloc(sizeof(int32_t) * (size_t) (per * nseq));
-    for (int i = 0; i < nseq; i++) {
-        gen_ids(seq + (size_t) i * per, s->n_used, n_tokens, r->n_expert, &rng);
+    int32_t *     seq  = malloc(sizeof(int32_t) * (size_t) (per * nseq + 1));
+    int32_t *     wseq = malloc(sizeof(int32_t) * (size_t) (per * (warmup + 1) + 1));
+    uint8_t *     seen = malloc((size_t) r->n_expert);
+    r->bytes           = (double) ggml_nbytes(wv[V_STOCK].w);
+    if (!g_mm) {
+        for (int i = 0; i < nseq; i++) {
+            gen_ids(seq + (size_t) i * per, s->n_used, n_tokens, r->n_expert, &rng);
+        }
+        for (int i = 0; i < warmup + 1; i++) {
+            gen_ids(wseq + (size_t) i * per, s->n_used, n_tokens, r->n_expert, &rng);
+        }
+        double       bytes        = 0;
+        const double expert_bytes = (double) wv[V_STOCK].w->nb[2];
+        for (int i = 0; i < nseq; i++) {
+            bytes += (double) distinct_experts(seq + (size_t) i * per, per, r->n_expert, seen) * expert_bytes;
+        }
+        r->bytes = bytes / nseq;
     }
-    int32_t * wseq = malloc(sizeof(int32_t) * (size_t) (per * (warmup + 1)));
-    for (int i = 0; i < warmup + 1; i++) {
-        gen_ids(wseq + (size_t) i * per, s->n_used, n_tokens, r->n_expert, &rng);
-    }
-    uint8_t * seen   = malloc((size_t) r->n_expert);
-    double    bytes  = 0;
-    const double expert_bytes = (double) wv[V_STOCK].w->nb[2];
-    for (int i = 0; i < nseq; i++) {
-        bytes += (double) distinct_experts(seq + (size_t) i * per, per, r->n_expert, seen) * expert_bytes;
-    }
-    r->bytes = bytes / nseq;
 
     struct graph g[V_COUNT];
     memset(g, 0, sizeof g);
@@ -808,7 +901,7 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
     }
 
     // correctness, once: numa-moe bitwise equal to stock, numa-moe repacked bitwise equal to
-    // CPU_REPACK, and each computed by the hook
+    // CPU_REPACK, and each computed by the hook (where it should: hook_expected)
     const char * tn = ggml_type_name(wv[V_STOCK].w->type);
     const size_t out_bytes = ggml_nbytes(g[V_STOCK].out);
     snprintf(r->check, sizeof r->check, "ok");
@@ -831,10 +924,11 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
             snprintf(why, sizeof why, "**MISMATCH** (%s vs %s)", k_variant_names[v], k_variant_names[ref]);
             fprintf(stderr, "\n*** MISMATCH: %s %s %s: %s's output differs from %s's ***\n\n", s->name, tn, mode, k_variant_names[v],
                     k_variant_names[ref]);
-        } else if (st1.ops_computed - st0.ops_computed != 1 || st1.ops_declined != st0.ops_declined) {
-            snprintf(why, sizeof why, "**HOOK NOT USED** (%s)", k_variant_names[v]);
-            fprintf(stderr, "\n*** MISMATCH: %s %s %s: numa-moe computed %" PRIu64 " ops of %s, declined %" PRIu64 " (want 1, 0) ***\n\n",
-                    s->name, tn, mode, st1.ops_computed - st0.ops_computed, k_variant_names[v], st1.ops_declined - st0.ops_declined);
+        } else if (hook_ops(&st1) - hook_ops(&st0) != (uint64_t) hook_expected(v, n_tokens) || st1.ops_declined != st0.ops_declined) {
+            snprintf(why, sizeof why, "**HOOK %s** (%s)", hook_expected(v, n_tokens) ? "NOT USED" : "USED", k_variant_names[v]);
+            fprintf(stderr, "\n*** MISMATCH: %s %s %s: numa-moe computed %" PRIu64 " ops of %s, declined %" PRIu64 " (want %d, 0) ***\n\n",
+                    s->name, tn, mode, hook_ops(&st1) - hook_ops(&st0), k_variant_names[v], st1.ops_declined - st0.ops_declined,
+                    hook_expected(v, n_tokens));
         }
         if (why[0]) {
             g_failures++;
@@ -894,15 +988,15 @@ static void run_mode(struct result * r, struct weights * wv, const int * has, co
                 const int j = (i + k) % nv;
                 const int v = order[j];
                 tt[v * rounds + i] = graph_run(&g[v], seq + (size_t) ((i + j * (nseq / nv)) % nseq) * per);
-                numa_runs += v == V_NUMA || v == V_NREPACK;
+                numa_runs += hook_expected(v, n_tokens);
             }
         }
         numa_moe_stats_get(&st1);
         cpu_sample(&c1);
-        if (st1.ops_computed - st0.ops_computed != (uint64_t) numa_runs && !strcmp(r->check, "ok")) {
+        if (hook_ops(&st1) - hook_ops(&st0) != (uint64_t) numa_runs && !strcmp(r->check, "ok")) {
             snprintf(r->check, sizeof r->check, "**HOOK NOT USED**");
             fprintf(stderr, "\n*** MISMATCH: %s %s %s: numa-moe computed %" PRIu64 " of %d timed ops ***\n\n", s->name, tn, mode,
-                    st1.ops_computed - st0.ops_computed, numa_runs);
+                    hook_ops(&st1) - hook_ops(&st0), numa_runs);
             g_failures++;
         }
         const double others = others_busy(&c0, &c1);
@@ -964,8 +1058,12 @@ static void run_case(const struct shape * s, enum ggml_type type) {
     has[V_NREPACK] = repacked && g_nrepack_buft;
     has[V_REPACK2] = repacked && g_opt.control != C_NONE;
     has[V_STOCK2]  = g_opt.control == C_BOTH || (g_opt.control == C_AUTO && !repacked);
-    // experts that fit the budget with every copy alive at once
+    // experts (--op mm: rows) that fit the budget with every copy alive at once: whole
+    // experts, at least 32, a multiple of 8 (rows: at least 1024 or all, a multiple of 256)
     const double expert_bytes = (double) ggml_row_size(type, s->n_embd) * (double) s->n_ff;
+    const double unit_bytes   = g_mm ? (double) ggml_row_size(type, s->n_embd) : expert_bytes;
+    const int64_t units       = g_mm ? s->n_ff : s->n_expert, step = g_mm ? 256 : 8;
+    const int64_t min_units   = g_mm ? (units < 1024 ? units : 1024) : 32;
     double       budget       = g_opt.mem_gib * (double) (1ull << 30);
     const double avail        = mem_available_gib();
     if (avail > 0 && (avail - 3.0) * (double) (1ull << 30) < budget) {
@@ -976,17 +1074,20 @@ static void run_case(const struct shape * s, enum ggml_type type) {
     for (int v = 0; v < V_COUNT; v++) {
         copies += has[v];
     }
-    int64_t   n_expert = s->n_expert;
-    if (copies * expert_bytes * (double) n_expert > budget) {
-        n_expert = (int64_t) (budget / (copies * expert_bytes)) / 8 * 8;
+    int64_t n_units = units;
+    if (copies * unit_bytes * (double) n_units > budget) {
+        n_units = (int64_t) (budget / (copies * unit_bytes)) / step * step;
     }
-    if (n_expert < 32) {
+    const int64_t n_expert = g_mm ? 1 : n_units, n_ff = g_mm ? n_units : s->n_ff;
+    const double  copy_bytes = unit_bytes * (double) n_units;
+    if (n_units < min_units) {
         for (int m = 0; m < 2; m++) {
             if (mode_selected(modes[m]) && g_nres < MAX_RESULTS) {
                 struct result * r = &g_res[g_nres++];
                 memset(r, 0, sizeof *r);
                 r->s = s, r->type = type, r->mode = modes[m], r->skipped = 1, r->n_tokens = m ? g_opt.prefill_tokens : 1;
-                snprintf(r->check, sizeof r->check, "skipped: fewer than 32 experts fit the memory budget");
+                snprintf(r->check, sizeof r->check, "skipped: fewer than %" PRId64 " %s fit the memory budget", min_units,
+                         g_mm ? "rows" : "experts");
                 print_row(r);
                 fflush(stdout);
             }
@@ -997,8 +1098,8 @@ static void run_case(const struct shape * s, enum ggml_type type) {
     double          t0 = now_s();
     struct weights  wv[V_COUNT];
     memset(wv, 0, sizeof wv);
-    if (!weights_alloc(&wv[V_STOCK], ggml_backend_cpu_buffer_type(), type, s->n_embd, s->n_ff, n_expert)) {
-        fprintf(stderr, "mmid_bench: cannot allocate %.2f GB of stock weights\n", expert_bytes * n_expert / 1e9);
+    if (!weights_alloc(&wv[V_STOCK], ggml_backend_cpu_buffer_type(), type, s, n_ff, n_expert)) {
+        fprintf(stderr, "mmid_bench: cannot allocate %.2f GB of stock weights\n", copy_bytes / 1e9);
         exit(2);
     }
     if (g_opt.stock_thp) {
@@ -1022,14 +1123,14 @@ static void run_case(const struct shape * s, enum ggml_type type) {
         const int numa = v == V_NUMA || v == V_NREPACK;
         NumaMoeStats st0, st1;
         numa_moe_stats_get(&st0);
-        if (!weights_alloc(&wv[v], buft, type, s->n_embd, s->n_ff, n_expert)) {
+        if (!weights_alloc(&wv[v], buft, type, s, n_ff, n_expert)) {
             fprintf(stderr, "mmid_bench: cannot allocate the %s weights%s%s\n", k_variant_names[v], numa ? ": " : "", numa ? numa_err() : "");
             exit(2);
         }
         numa_moe_stats_get(&st1);
         if (numa && st1.tensors_placed != st0.tensors_placed + 1) {
-            fprintf(stderr, "\n*** MISMATCH: numa-moe did not place the expert tensor in %s (map %s) ***\n\n", ggml_backend_buft_name(buft),
-                    g_opt.map);
+            fprintf(stderr, "\n*** MISMATCH: numa-moe did not place %s in %s (map %s) ***\n\n", ggml_get_name(wv[v].w),
+                    ggml_backend_buft_name(buft), g_opt.map);
             g_failures++;
         }
         if (g_opt.stock_thp && !numa) {
@@ -1037,8 +1138,8 @@ static void run_case(const struct shape * s, enum ggml_type type) {
         }
         ggml_backend_tensor_set(wv[v].w, wv[V_STOCK].w->data, 0, ggml_nbytes(wv[V_STOCK].w));
     }
-    fprintf(stderr, "%s %s: %" PRId64 " experts, %.2f GB per copy, %d copies, set up in %.1f s\n", s->name, ggml_type_name(type),
-            n_expert, expert_bytes * n_expert / 1e9, copies, now_s() - t0);
+    fprintf(stderr, "%s %s: %" PRId64 " of %" PRId64 " %s, %.2f GB per copy, %d copies, set up in %.1f s\n", s->name, ggml_type_name(type),
+            n_units, units, g_mm ? "rows" : "experts", copy_bytes / 1e9, copies, now_s() - t0);
 
     for (int m = 0; m < 2; m++) {
         if (!mode_selected(modes[m]) || g_nres >= MAX_RESULTS) {
@@ -1093,7 +1194,7 @@ int main(int argc, char ** argv) {
             const char * end   = strchr(p, ',');
             const size_t len   = end ? (size_t) (end - p) : strlen(p);
             int          known = 0;
-            const size_t n     = which ? sizeof k_types / sizeof k_types[0] : sizeof k_shapes / sizeof k_shapes[0];
+            const size_t n     = which ? k_ntypes : k_nshapes;
             for (size_t i = 0; i < n; i++) {
                 const char * name = which ? ggml_type_name(k_types[i]) : k_shapes[i].name;
                 known |= strlen(name) == len && !strncmp(p, name, len);
@@ -1106,8 +1207,8 @@ int main(int argc, char ** argv) {
         }
     }
     int matched = 0;
-    for (size_t si = 0; si < sizeof k_shapes / sizeof k_shapes[0]; si++) {
-        for (size_t ti = 0; ti < sizeof k_types / sizeof k_types[0]; ti++) {
+    for (size_t si = 0; si < k_nshapes; si++) {
+        for (size_t ti = 0; ti < k_ntypes; ti++) {
             matched += case_selected(si, ti);
         }
     }
@@ -1144,9 +1245,9 @@ int main(int argc, char ** argv) {
         [C_BOTH] = "second stock and CPU_REPACK copies",
         [C_NONE] = "none",
     };
-    printf("mmid_bench (numa-moe %s): %s, %d threads, map \"%s\", %zu NUMA node(s) as numa-moe sees them%s%s%s, "
+    printf("mmid_bench%s (numa-moe %s): %s%s, %d threads, map \"%s\", %zu NUMA node(s) as numa-moe sees them%s%s%s, "
            "CPU_REPACK %s, NUMA_MOE_REPACK %s, LLC flush before every op: %s, stock THP: %s, A/A control: %s, load average %s\n\n",
-           numa_moe_version(), date, g_opt.threads, g_opt.map, nodes, topo ? " (NUMA_MOE_TOPOLOGY=\"" : "", topo ? topo : "",
+           g_mm ? " --op mm" : "", numa_moe_version(), date, g_mm ? ", MUL_MAT over weight matrices" : "", g_opt.threads, g_opt.map, nodes, topo ? " (NUMA_MOE_TOPOLOGY=\"" : "", topo ? topo : "",
            topo ? "\")" : "", g_repack_buft ? "present" : "absent", g_nrepack_buft ? "present" : "absent", g_opt.flush ? "yes" : "no",
            g_opt.stock_thp ? "asked" : "no (as ggml allocates)", controls[g_opt.control], la);
 
@@ -1166,8 +1267,8 @@ int main(int argc, char ** argv) {
 
     print_header();
     fflush(stdout);
-    for (size_t si = 0; si < sizeof k_shapes / sizeof k_shapes[0]; si++) {
-        for (size_t ti = 0; ti < sizeof k_types / sizeof k_types[0]; ti++) {
+    for (size_t si = 0; si < k_nshapes; si++) {
+        for (size_t ti = 0; ti < k_ntypes; ti++) {
             if (case_selected(si, ti)) {
                 run_case(&k_shapes[si], k_types[ti]);
             }
@@ -1178,10 +1279,15 @@ int main(int argc, char ** argv) {
     printf("\nms: median time per op. numa-moe: weights in NUMA_MOE (ggml's standard layout); numa-moe repacked: in "
            "NUMA_MOE_REPACK (CPU_REPACK's layout and kernels), where CPU_REPACK takes the type; stock+repack: in CPU_REPACK, "
            "as llama.cpp ships. Time ratios < 1.000: faster than the baseline. A/A: a second copy of the baseline, timed like the "
-           "others: how far from 1.000 a ratio of two identical variants lands in this run. GB/s: bytes of the routed experts' "
-           "weights / median time. noise: largest (p75-p25)/median of the variants; others: share of the CPUs other processes "
-           "used while it was timed; load average at the end %s\n",
-           la);
+           "others: how far from 1.000 a ratio of two identical variants lands in this run. GB/s: bytes of the %s / median "
+           "time. noise: largest (p75-p25)/median of the variants; others: share of the CPUs other processes used while it was "
+           "timed; load average at the end %s\n",
+           g_mm ? "weight matrix" : "routed experts' weights", la);
+    if (g_mm) {
+        printf("K x N: the matrix's n_embd x rows; rows: those allocated (fewer where the copies did not fit --mem-gib). "
+               "numa-moe's hook computes decode in both of its layouts and prefill in the repacked one; prefill in "
+               "NUMA_MOE is ggml-cpu's own kernel (sgemm or tiled) over numa-moe's placed bytes.\n");
+    }
     if (g_opt.bw_gib > 0) {
         double best = 0, med = 0;
         if (measure_bandwidth(g_opt.bw_gib, g_opt.threads, &best, &med)) {
@@ -1192,7 +1298,8 @@ int main(int argc, char ** argv) {
     }
     NumaMoeStats st;
     numa_moe_stats_get(&st);
-    printf("numa-moe: %" PRIu64 " ops computed by the hook, %" PRIu64 " declined; %s\n", st.ops_computed, st.ops_declined,
+    printf("numa-moe: %" PRIu64 " %s ops computed by the hook, %" PRIu64 " declined; %s\n", hook_ops(&st), g_mm ? "MUL_MAT" : "MUL_MAT_ID",
+           st.ops_declined,
            g_failures ? "CHECKS FAILED (see **MISMATCH** above)" : "every numa-moe output bitwise equal to stock's, "
                                                                       "every numa-moe repacked output to CPU_REPACK's\n");
 
