@@ -60,15 +60,17 @@ impl Weight {
     }
 
     /// What the map's `dense=` rule places of it: a weight matrix as
-    /// [`placement::weight_matrix`] says (2-D, not a norm, the router, a bias or the token
-    /// embeddings), planned as one "expert". Per-head stacks such as MLA's `attn_k_b`
-    /// (ne = [128, 512, n_head], a batched MUL_MAT) are not matrices to the planner and stay
-    /// with llama.cpp, as do routed-expert tensors that are not stacks.
+    /// [`placement::weight_matrix`] says (2-D, not a norm, a bias or the token embeddings),
+    /// planned as one "expert", or a stack of per-head attention matrices such as MLA's
+    /// `attn_k_b` (ne = [128, 512, n_head], a batched MUL_MAT: [`placement::head_stack`]).
+    /// Routed-expert tensors that are not stacks stay with llama.cpp.
     pub fn dense_tensor(&self) -> Option<ExpertTensor> {
         if self.category == Category::RoutedExperts {
             return None;
         }
-        placement::weight_matrix(&self.name, &self.type_name, self.ne, Some(self.row_bytes), true)
+        let rb = Some(self.row_bytes);
+        placement::weight_matrix(&self.name, &self.type_name, self.ne, rb, true)
+            .or_else(|| placement::head_stack(&self.name, &self.type_name, self.ne, rb, true))
     }
 
     /// The stacked expert tensor the expert map places, for a routed-expert stack.
@@ -555,7 +557,7 @@ mod tests {
     }
 
     #[test]
-    fn matrices_are_planned_and_per_head_stacks_and_norms_are_not() {
+    fn matrices_and_per_head_stacks_are_planned_and_norms_are_not() {
         let w = weights_of(&[
             info("blk.0.attn_q_b.weight", &[1536, 24576], 8),
             info("blk.0.attn_k_b.weight", &[128, 512, 128], 8),
@@ -564,14 +566,14 @@ mod tests {
             info("blk.0.ffn_gate_inp.weight", &[7168, 256], 0),
         ])
         .unwrap();
-        // the router is a matrix, but left to llama.cpp as the dense rule leaves it
-        assert!(w[4].dense_tensor().is_none());
+        // the router is a matrix like the others
+        assert_eq!(w[4].dense_tensor().unwrap().rows, 256);
         let d = w[0].dense_tensor().unwrap();
         assert_eq!((d.n_expert, d.rows, d.row_bytes, d.layer), (1, 24576, 1632, Some(0)));
         assert_eq!(d.bytes(), w[0].bytes);
         assert!(w[0].expert_tensor().unwrap().is_none());
-        // MLA's per-head stack is a batched MUL_MAT: neither a matrix nor an expert stack
-        assert!(w[1].dense_tensor().is_none());
+        // MLA's per-head stack is a batched MUL_MAT: a stack of heads the dense rule places
+        assert_eq!(w[1].dense_tensor().unwrap().n_expert, 128);
         assert!(w[1].expert_tensor().unwrap().is_none());
         assert!(w[2].dense_tensor().is_none());
         assert!(w[3].dense_tensor().is_none());

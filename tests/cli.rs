@@ -504,19 +504,18 @@ fn plan_shapes_predict_locality_of_each_placement_on_two_sockets() {
             assert_eq!(local_share(j, "whole_model", Some(cat)), 1.0, "{cat}");
         }
     }
-    // Qwen3-235B: everything but the f32 routers and the norms is placed
+    // Qwen3-235B: everything but the norms is placed
     assert!(local_share(&qw, "whole_model", None) >= 0.99, "{}", local_share(&qw, "whole_model", None));
-    // DeepSeek-V3: MLA's per-head attn_k_b/attn_v_b (3-D, a batched MUL_MAT, not matrices to
-    // the dense rule) and the f32 routers stay with llama.cpp; with the norms they are the
-    // whole of what is not local
+    // DeepSeek-V3: MLA's per-head attn_k_b/attn_v_b (a batched MUL_MAT over a stack of heads)
+    // and the f32 routers are placed too; norms, biases and the embeddings are what is left
     let whole = &ds["footprint"]["placements"][2];
     let unplaced = whole["unplaced"].as_array().unwrap();
     let left: f64 = unplaced.iter().map(|u| u["bytes_per_token"].as_f64().unwrap()).sum();
-    let kinds: Vec<(&str, u64)> = unplaced.iter().take(3).map(|u| (u["kind"].as_str().unwrap(), u["tensors"].as_u64().unwrap())).collect();
-    assert_eq!(kinds, [("attn_k_b", 61), ("attn_v_b", 61), ("ffn_gate_inp", 58)]);
+    let small = |k: &str| k.ends_with("norm") || k.ends_with(".bias") || k == "token_embd";
+    assert!(unplaced.iter().all(|u| small(u["kind"].as_str().unwrap())), "{unplaced:?}");
     let total = ds["footprint"]["bytes_per_token"].as_f64().unwrap();
-    within_1pct(1.0 - local_share(&ds, "whole_model", None), left / 2.0 / total, "remote share");
-    assert!(local_share(&ds, "whole_model", None) >= 0.97, "{}", local_share(&ds, "whole_model", None));
+    assert!((1.0 - local_share(&ds, "whole_model", None) - left / 2.0 / total).abs() < 1e-4, "remote share");
+    assert!(local_share(&ds, "whole_model", None) >= 0.99, "{}", local_share(&ds, "whole_model", None));
     assert!(local_share(&ds, "whole_model", Some("shared_experts")) == 1.0);
     // per node: the whole model splits the reads evenly, each node reading its own
     let nodes = whole["nodes"].as_array().unwrap();
@@ -557,7 +556,7 @@ fn plan_shape_text_and_types() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("model: qwen3-235b (qwen3moe), 282 expert tensors"), "{out}");
     let total = out.lines().find(|l| l.trim_start().starts_with("total ")).unwrap_or_else(|| panic!("{out}"));
-    assert_eq!(total.split_whitespace().rev().take(3).collect::<Vec<_>>(), ["99.4%", "75.0%", "50.0%"], "{total}");
+    assert_eq!(total.split_whitespace().rev().take(3).collect::<Vec<_>>(), ["100.0%", "75.0%", "50.0%"], "{total}");
     assert!(out.contains("KV cache (a model: f16") && out.contains("at --ctx 4096 (GQA: 4 KV heads x (128 + 128)"), "{out}");
     // q8_0 experts: 34 bytes per 32 weights
     let j = plan_json(&["--shape", "qwen3-235b", "--topology", TWO_SOCKETS, "--expert-type", "q8_0", "--dense-type", "bf16"]);
