@@ -83,6 +83,19 @@ static int node_count(void) {
     return (int) n;
 }
 
+// Nodes with memory and CPUs this process may use: where `auto` places (a taskset to one
+// node's CPUs makes a multi-node machine one node to it)
+static int compute_node_count(void) {
+    int c = 0;
+    for (int i = 0; i < node_count(); i++) {
+        NumaMoeNodeInfo info;
+        if (numa_moe_topology_node_info((size_t) i, &info) == NUMA_MOE_RESULT_OK && info.has_memory && info.n_cpus > 0) {
+            c++;
+        }
+    }
+    return c;
+}
+
 static int topology_is_described(void) {
     const char * t = getenv("NUMA_MOE_TOPOLOGY");
     return t && *t && strcmp(t, "host") != 0;
@@ -725,12 +738,12 @@ static float * run_mm(const struct mm_case * c, ggml_backend_buffer_type_t buft,
     return res;
 }
 
-// Maps that place weight matrices on this machine: on one node only an explicit dense= rule
-// does (auto leaves them to llama.cpp there).
+// Maps that place weight matrices on this machine: where the process computes on one node
+// only an explicit dense= rule does (auto leaves them to llama.cpp there).
 static const char * const * dense_maps(void) {
     static const char * multi[] = { "rows", "rows;dense=mirror", "off;dense=rows", "block;dense=rows@1", "rows;dense=interleave", NULL };
     static const char * one[]   = { "rows;dense=rows", "off;dense=mirror", "rows;dense=rows@0", "rows;dense=interleave", NULL };
-    return node_count() > 1 ? multi : one;
+    return compute_node_count() > 1 ? multi : one;
 }
 
 // numa-moe's output with the weights in `got_buft` equals ggml's with them in `ref_buft`,
@@ -840,13 +853,13 @@ static void test_locality_counters(void) {
     uint8_t *               wbytes = malloc(ggml_nbytes(wt));
     fill_weights(wt, wbytes);
     float * act = calloc((size_t) c.n_embd, sizeof(float));
-    const char * map = node_count() > 1 ? "rows" : "rows;dense=rows";
+    const char * map = compute_node_count() > 1 ? "rows" : "rows;dense=rows";
     uint64_t hooked = 0;
     NumaMoeLocality l0, l1;
     CHECK(numa_moe_locality_reset() == NUMA_MOE_RESULT_OK);
     // a thread on every node, so nothing is read across: the main thread (ith 0) is not pinned
     // and may share a node with a worker, so twice as many threads as nodes on big machines
-    const int n = node_count() > 2 ? 2 * node_count() : 3;
+    const int n = compute_node_count() > 2 ? 2 * compute_node_count() : 3;
     free(run_mm(&c, numa_moe_buft(), wbytes, act, n, map, &hooked));
     CHECK(numa_moe_locality_get(&l0) == NUMA_MOE_RESULT_OK);
     CHECK(l0.local_bytes == ggml_nbytes(wt), "local %" PRIu64 " of %zu bytes", l0.local_bytes, ggml_nbytes(wt));
