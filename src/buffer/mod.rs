@@ -100,6 +100,8 @@ pub struct PlacedTensor {
     pub degraded: Mutex<Option<String>>,
     /// What the weights are for (reports and locality counters).
     pub category: crate::weights::Category,
+    /// Every thread's share of the last MUL_MAT shape computed over it (compute::phases_mm).
+    pub mm_shares: RwLock<Option<(crate::compute::MmKey, Arc<Vec<crate::compute::MmShare>>)>>,
 }
 
 impl PlacedTensor {
@@ -222,7 +224,16 @@ impl NumaBuffer {
         }
         piece_nodes.sort_unstable();
         let category = crate::weights::category_of(&plan.tensor.name);
-        let placed = Arc::new(PlacedTensor { plan, offset, replicas, by_expert, piece_nodes, degraded: Mutex::new(degraded), category });
+        let placed = Arc::new(PlacedTensor {
+            plan,
+            offset,
+            replicas,
+            by_expert,
+            piece_nodes,
+            degraded: Mutex::new(degraded),
+            category,
+            mm_shares: RwLock::new(None),
+        });
         PLACED_TENSORS.fetch_add(1, Ordering::Relaxed);
         PLACED_BYTES.fetch_add(placed.all_bytes(), Ordering::Relaxed);
         let mut v = self.placed.write();
