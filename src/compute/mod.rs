@@ -145,7 +145,7 @@ fn phases_mm(rt: &Runtime, api: &Api, op: &MmOp, buf: &NumaBuffer, placed: &Plac
         buf.verify_once(rt);
     }
     let columns = op.columns_per_head();
-    let key = MmKey { roster: work.roster(), columns, row_group: op.row_group() };
+    let key = MmKey { roster: work.roster(), columns, row_group: op.row_group(), gemm: op.n_tokens() > 3 };
     // Every thread's share depends only on the roster and the op's shape, which repeat every
     // token: planned once per tensor and kept with it (rebuilding the assignment and the chunk
     // lists on every op cost a measurable share of a 50 us decode op).
@@ -186,6 +186,8 @@ pub struct MmKey {
     roster: Vec<u32>,
     columns: i64,
     row_group: i64,
+    /// Whether gemm runs (four or more activation rows per plane).
+    gemm: bool,
 }
 
 /// One thread's share of a MUL_MAT: its group, the group's claim counter, the group's chunks.
@@ -203,10 +205,13 @@ fn mm_shares(rt: &Runtime, placed: &PlacedTensor, key: &MmKey, nth: usize) -> Ve
         .map(|ith| {
             let (group, _rank, size, slot) = a.of_thread(ith);
             let mine = |p: &&Piece| a.group_of_node.get(&p.node) == Some(&group);
-            // repacked layouts: as CPU_REPACK's forward_mul_mat chunks its rows, four parts per
-            // thread (one long part per thread streamed the whole slice past the cache for every
-            // group of four activation rows: 1.16-1.23x CPU_REPACK's time in 128-token prefill)
-            let split = if key.row_group > 1 { size * 4 } else { size };
+            // repacked layouts with gemm's four-row groups (batches of four or more): as
+            // CPU_REPACK's forward_mul_mat chunks its rows, four parts per thread (one long part
+            // per thread streamed the whole slice past the cache for every group of four
+            // activation rows: 1.07-1.23x CPU_REPACK's time in 128-token prefill); with gemv
+            // alone (decode), one part per thread, as for the experts (four parts measured up
+            // to 1.2x in decode)
+            let split = if key.row_group > 1 && key.gemm { size * 4 } else { size };
             let items = chunks(&placed.by_expert, |_| key.columns as usize, &mine, &[], key.row_group, split);
             MmShare { group, slot, items }
         })
