@@ -84,13 +84,24 @@ pub fn work_size(op: &MmidOp, n_threads: usize) -> usize {
 
 /// Step 0: whether this op is computed here, decided alike on every thread. `None`: decline.
 pub fn decide(op: &MmidOp, placed: &PlacedTensor, params: &NumaMoeComputeParams) -> Option<Work> {
-    // the plan must describe these very weights (rows and experts as laid out in the op)
+    decide_for(placed, op.src0, op.n_expert(), |n| op.layout(n), params)
+}
+
+/// [`decide`] for any hooked op over a stack of `stacked` matrices (experts, or heads).
+fn decide_for(
+    placed: &PlacedTensor,
+    src0: crate::ggml::TensorRef,
+    stacked: usize,
+    layout: impl Fn(usize) -> work::WorkLayout,
+    params: &NumaMoeComputeParams,
+) -> Option<Work> {
+    // the plan must describe these very weights (rows and matrices as laid out in the op)
     let t = &placed.plan.tensor;
-    let ok_plan = placed.by_expert.len() == op.n_expert()
-        && t.n_expert as usize == op.n_expert()
-        && t.rows == op.src0.ne()[1] as u64
-        && t.row_bytes == op.src0.nb()[1] as u64;
-    let work = if ok_plan { Work::new(params, op.layout(params.nth.max(1) as usize)) } else { None };
+    let ok_plan = placed.by_expert.len() == stacked
+        && t.n_expert as usize == stacked
+        && t.rows == src0.ne()[1] as u64
+        && t.row_bytes == src0.nb()[1] as u64;
+    let work = if ok_plan { Work::new(params, layout(params.nth.max(1) as usize)) } else { None };
     if work.is_none() && params.ith == 0 {
         OPS_DECLINED.fetch_add(1, Ordering::Relaxed);
     }
@@ -108,16 +119,7 @@ pub fn run(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Plac
 
 /// Step 0 for a MUL_MAT over a placed weight matrix: as [`decide`].
 pub fn decide_mm(op: &MmOp, placed: &PlacedTensor, params: &NumaMoeComputeParams) -> Option<Work> {
-    let t = &placed.plan.tensor;
-    let ok_plan = placed.by_expert.len() == op.heads()
-        && t.n_expert as usize == op.heads()
-        && t.rows == op.src0.ne()[1] as u64
-        && t.row_bytes == op.src0.nb()[1] as u64;
-    let work = if ok_plan { Work::new(params, op.layout(params.nth.max(1) as usize)) } else { None };
-    if work.is_none() && params.ith == 0 {
-        OPS_DECLINED.fetch_add(1, Ordering::Relaxed);
-    }
-    work
+    decide_for(placed, op.src0, op.heads(), |n| op.layout(n), params)
 }
 
 /// Steps 1 and 2 of a MUL_MAT on this thread, after [`decide_mm`] said yes on every thread.
