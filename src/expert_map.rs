@@ -639,10 +639,7 @@ impl ExpertMap {
                     .map(|ls| format!("blk.{}=", ls.iter().map(|&(a, b)| render_range(a, b)).collect::<Vec<_>>().join(",")))
                     .unwrap_or_default();
                 let body = match &r.body {
-                    Body::Policy { policy, nodes, .. } => match nodes {
-                        Some(n) => format!("{}@{}", policy.name(), join(n, ",")),
-                        None => policy.name().to_string(),
-                    },
+                    Body::Policy { policy, nodes, .. } => render_policy(*policy, nodes),
                     Body::Balanced { balanced: b, nodes, .. } => {
                         let mut s = Policy::Balanced.name().to_string();
                         if let Some((path, _)) = &b.path {
@@ -670,10 +667,7 @@ impl ExpertMap {
                 };
                 layers + &body
             })
-            .chain(self.dense.iter().map(|d| match &d.nodes {
-                Some(n) => format!("dense={}@{}", d.policy.name(), join(n, ",")),
-                None => format!("dense={}", d.policy.name()),
-            }))
+            .chain(self.dense.iter().map(|d| format!("dense={}", render_policy(d.policy, &d.nodes))))
             .collect::<Vec<_>>()
             .join(";")
     }
@@ -826,6 +820,14 @@ impl ExpertMap {
                 Ok(Resolved::Explicit { holders: holders.into_iter().map(|h| h.expect("covered").1).collect() })
             }
         }
+    }
+}
+
+/// `policy` or `policy@n,m`.
+fn render_policy(policy: Policy, nodes: &Option<Vec<u32>>) -> String {
+    match nodes {
+        Some(n) => format!("{}@{}", policy.name(), join(n, ",")),
+        None => policy.name().to_string(),
     }
 }
 

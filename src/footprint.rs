@@ -337,7 +337,7 @@ pub fn footprint(topo: &Topology, weights: &[Weight], moe: &MoeParams, plans: &[
         let mut reads: Vec<(u32, f64, bool)> = Vec::new();
         match plans.get(i).and_then(Option::as_ref) {
             None => {
-                let e = unplaced.entry(kind_of(&w.name)).or_insert((0, 0.0));
+                let e = unplaced.entry(crate::weights::kind(&w.name).to_string()).or_insert((0, 0.0));
                 e.0 += 1;
                 e.1 += read;
                 if let Some(n) = nodes.get_mut(&holder) {
@@ -403,16 +403,6 @@ pub fn footprint(topo: &Topology, weights: &[Weight], moe: &MoeParams, plans: &[
     let mut unplaced: Vec<(String, usize, f64)> = unplaced.into_iter().map(|(k, (n, b))| (k, n, b)).collect();
     unplaced.sort_by(|a, b| b.2.total_cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
     Footprint { categories, nodes: nodes.into_values().collect(), unplaced }
-}
-
-/// A tensor's kind: its name without the block prefix and the `.weight` suffix
-/// ("blk.3.attn_k_b.weight" is "attn_k_b").
-fn kind_of(name: &str) -> String {
-    let base = name.strip_suffix(".weight").unwrap_or(name);
-    match base.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
-        Some((_, what)) => what.to_string(),
-        None => base.to_string(),
-    }
 }
 
 /// What a model's KV cache holds per layer per position.

@@ -418,9 +418,16 @@ impl TensorRef {
     }
 
     pub fn name(&self) -> String {
-        // SAFETY: name is a fixed-size char array; stop at the first NUL or its end.
-        let bytes: Vec<u8> = self.t().name.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+        String::from_utf8_lossy(self.name_bytes()).into_owned()
+    }
+
+    /// The name's bytes as ggml holds them, up to the first NUL (no copy: for hot paths).
+    pub fn name_bytes(&self) -> &[u8] {
+        let n = &self.t().name;
+        // SAFETY: c_char and u8 have the same size and alignment; the array lives as long as
+        // the tensor, which outlives self per the constructor's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(n.as_ptr().cast::<u8>(), n.len()) };
+        &bytes[..bytes.iter().position(|&c| c == 0).unwrap_or(bytes.len())]
     }
 
     pub fn ty(&self) -> GgmlType {

@@ -43,7 +43,7 @@ impl ExpertTensor {
     /// Whether the map's `dense=` rule places it: a weight matrix (one "expert"), or a stack
     /// of per-head attention matrices (MLA's `attn_k_b`, `attn_v_b`), rather than routed experts.
     pub fn is_dense(&self) -> bool {
-        self.n_expert == 1 || crate::weights::category_of(&self.name) == crate::weights::Category::Attention
+        is_dense(self.n_expert, crate::weights::category_of(&self.name))
     }
 
     pub fn expert_bytes(&self) -> u64 {
@@ -53,6 +53,12 @@ impl ExpertTensor {
     pub fn bytes(&self) -> u64 {
         self.expert_bytes() * self.n_expert as u64
     }
+}
+
+/// [`ExpertTensor::is_dense`] from a tensor's matrix count and category (for callers that keep
+/// the category, such as a placed tensor on the compute path).
+pub fn is_dense(n_expert: u32, category: crate::weights::Category) -> bool {
+    n_expert == 1 || category == crate::weights::Category::Attention
 }
 
 /// The one rule for what a stacked expert tensor is, shared by the GGUF reader (what

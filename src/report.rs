@@ -51,19 +51,15 @@ pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
         return Vec::new();
     }
     let s = rt.settings();
-    let (matrices, experts): (Vec<_>, Vec<_>) = placed.iter().partition(|p| p.plan.tensor.is_dense());
+    let (matrices, experts): (Vec<_>, Vec<_>) = placed.iter().partition(|p| p.is_dense());
     let total: u64 = experts.iter().map(|p| p.plan.tensor.bytes()).sum();
     let mut what = format!("{} expert tensors ({})", experts.len(), format_gib(total));
     if !matrices.is_empty() {
-        let mut by: Vec<(crate::weights::Category, u64)> = Vec::new();
+        let mut by: std::collections::BTreeMap<crate::weights::Category, u64> = Default::default();
         for p in &matrices {
-            match by.iter_mut().find(|(c, _)| *c == p.category) {
-                Some((_, b)) => *b += p.plan.tensor.bytes(),
-                None => by.push((p.category, p.plan.tensor.bytes())),
-            }
+            *by.entry(p.category).or_default() += p.plan.tensor.bytes();
         }
-        by.sort();
-        let sum: u64 = by.iter().map(|(_, b)| b).sum();
+        let sum: u64 = by.values().sum();
         let parts: Vec<String> = by.iter().map(|(c, b)| format!("{c} {}", format_gib(*b))).collect();
         what += &format!(" and {} weight matrices ({}: {})", matrices.len(), format_gib(sum), parts.join(", "));
     }
@@ -79,8 +75,8 @@ pub fn placement(rt: &Runtime, placed: &[Arc<PlacedTensor>]) -> Vec<String> {
     for l in loads.iter().filter(|l| l.bytes > 0) {
         let example = placed
             .iter()
-            .filter(|p| !p.plan.tensor.is_dense())
-            .chain(placed.iter().filter(|p| p.plan.tensor.is_dense()))
+            .filter(|p| !p.is_dense())
+            .chain(placed.iter().filter(|p| p.is_dense()))
             .find(|p| p.plan.pieces().iter().any(|x| x.node == l.node));
         let share =
             example.map(|p| format!(", {}: {}", short_name(&p.plan.tensor.name), p.plan.describe_share(l.node))).unwrap_or_default();

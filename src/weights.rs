@@ -64,8 +64,9 @@ impl Category {
         }
     }
 
+    /// Its position in [`Category::ALL`] (the declaration order).
     pub fn index(self) -> usize {
-        Category::ALL.iter().position(|&c| c == self).unwrap_or(Category::ALL.len() - 1)
+        self as usize
     }
 }
 
@@ -75,14 +76,20 @@ impl fmt::Display for Category {
     }
 }
 
+/// A tensor's kind: its name without the "blk.N." prefix and the ".weight" suffix
+/// ("blk.3.attn_k_b.weight" is "attn_k_b", "output.weight" is "output").
+pub fn kind(name: &str) -> &str {
+    let base = name.strip_suffix(".weight").unwrap_or(name);
+    match base.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+        Some((_, what)) => what,
+        None => base,
+    }
+}
+
 /// The category of the weight tensor named `name` (GGUF or ggml name; a ".weight" or
 /// ".bias" suffix and a "blk.N." prefix are ignored).
 pub fn category_of(name: &str) -> Category {
-    let base = name.strip_suffix(".weight").or_else(|| name.strip_suffix(".bias")).unwrap_or(name);
-    let what = match base.strip_prefix("blk.") {
-        Some(rest) => rest.split_once('.').map_or(rest, |(_, w)| w),
-        None => base,
-    };
+    let what = kind(name.strip_suffix(".bias").unwrap_or(name));
     if what.ends_with("_exps") || what.contains("_exps.") {
         return Category::RoutedExperts;
     }
@@ -114,6 +121,13 @@ pub fn left_to_llama(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_categorys_index_is_its_place_in_all() {
+        for (i, c) in Category::ALL.into_iter().enumerate() {
+            assert_eq!(c.index(), i, "{c}");
+        }
+    }
 
     #[test]
     fn names_of_every_kind_land_in_their_category() {

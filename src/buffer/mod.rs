@@ -109,6 +109,12 @@ impl PlacedTensor {
         self.plan.tensor.bytes() as usize
     }
 
+    /// Whether the map's dense= rule placed it ([`crate::placement::ExpertTensor::is_dense`],
+    /// from the category kept at placement rather than the name).
+    pub fn is_dense(&self) -> bool {
+        placement::is_dense(self.plan.tensor.n_expert, self.category)
+    }
+
     /// Bytes over all copies that exist.
     fn all_bytes(&self) -> u64 {
         self.plan.tensor.bytes() + self.replicas.bytes(&self.plan)

@@ -21,7 +21,6 @@ pub struct MmOp {
     pub src0: TensorRef,
     pub src1: TensorRef,
     traits: CpuTraits,
-    vec_dot: raw::ggml_vec_dot_t,
     /// Converts F32 activations to the kernel's type (None: src1 already has it).
     from_float: Option<unsafe extern "C" fn(*const f32, *mut std::ffi::c_void, i64)>,
     /// Bytes of one converted activation row.
@@ -68,7 +67,6 @@ impl MmOp {
         }
         let mut traits = api.cpu_traits(src0.ty())?;
         let from_float;
-        let vec_dot;
         if let Some(l) = repack {
             // CPU_REPACK: F32 activations of at most three dimensions, whole row groups
             if src1.ty() != raw::GGML_TYPE_F32 || ne0[2] != 1 || ne1[3] != 1 || ne0[1] % l.nb_cols as i64 != 0 {
@@ -79,14 +77,12 @@ impl MmOp {
             }
             traits.vec_dot_type = l.param_type;
             from_float = Some(l.from_float);
-            vec_dot = None;
         } else {
             // stock's chunked vec_dot path: one column per plane, one row per call
             if cfg!(target_arch = "powerpc64") || ne1[1] != 1 || traits.nrows != 1 || tiled_forced() {
                 return None;
             }
             traits.vec_dot?;
-            vec_dot = traits.vec_dot;
             from_float = if src1.ty() == traits.vec_dot_type {
                 None
             } else if src1.ty() == raw::GGML_TYPE_F32 {
@@ -98,12 +94,7 @@ impl MmOp {
         let row_size = api.row_size(traits.vec_dot_type, ne1[0]);
         // the converted activations must be addressable
         row_size.checked_mul(src1.nelements() as usize / ne1[0] as usize)?;
-        Some(MmOp { dst, src0, src1, traits, vec_dot, from_float, row_size, repack, api })
-    }
-
-    /// Output rows (rows of the weights).
-    pub fn rows(&self) -> i64 {
-        self.src0.ne()[1]
+        Some(MmOp { dst, src0, src1, traits, from_float, row_size, repack, api })
     }
 
     /// Activation columns over all planes.
@@ -184,49 +175,24 @@ impl MmOp {
             for i12 in 0..ne[2] {
                 let x = self.src1.data_ptr().wrapping_add(i12 as usize * nb[2]);
                 let y = out.wrapping_add(i12 as usize * nbw2);
-                let mut i11 = ith * 4;
-                while let (true, Some(quantize_mat)) = (i11 < whole, l.quantize_mat) {
-                    // SAFETY: rows i11..i11+4 of this plane and their converted slots are inside
-                    // src1 and the work buffer; each thread takes its own groups.
-                    unsafe {
-                        quantize_mat(x.wrapping_add(i11 as usize * nb[1]).cast(), y.wrapping_add(i11 as usize * nbw1).cast(), 4, ne[0])
-                    };
-                    i11 += nth * 4;
+                // (new() made sure quantize_mat exists where there are whole groups of four)
+                if let Some(quantize_mat) = l.quantize_mat {
+                    for i11 in (ith * 4..whole).step_by(nth as usize * 4) {
+                        // SAFETY: rows i11..i11+4 of this plane and their converted slots are
+                        // inside src1 and the work buffer; each thread takes its own groups.
+                        unsafe {
+                            quantize_mat(x.wrapping_add(i11 as usize * nb[1]).cast(), y.wrapping_add(i11 as usize * nbw1).cast(), 4, ne[0])
+                        };
+                    }
                 }
-                let mut i11 = whole + ith;
-                while i11 < ne[1] {
+                for i11 in (whole + ith..ne[1]).step_by(nth as usize) {
                     // SAFETY: as above, one row.
                     unsafe { from_float(x.wrapping_add(i11 as usize * nb[1]).cast(), y.wrapping_add(i11 as usize * nbw1).cast(), ne[0]) };
-                    i11 += nth;
                 }
             }
             return;
         }
-        let vt = self.traits.vec_dot_type;
-        let bs = self.api.blck_size(vt).max(1);
-        let nbw0 = self.api.type_size(vt);
-        let nbw1 = self.row_size;
-        let nbw2 = nbw1 * ne[1] as usize;
-        let nbw3 = nbw2 * ne[2] as usize;
-        let start = (ith * ne[0] / bs) / nth;
-        let end = ((ith + 1) * ne[0] / bs) / nth;
-        if end <= start {
-            return;
-        }
-        for i13 in 0..ne[3] {
-            for i12 in 0..ne[2] {
-                for i11 in 0..ne[1] {
-                    let x = self
-                        .src1
-                        .data_ptr()
-                        .wrapping_add(i13 as usize * nb[3] + i12 as usize * nb[2] + i11 as usize * nb[1] + (start * bs) as usize * nb[0]);
-                    let y = out.wrapping_add(i13 as usize * nbw3 + i12 as usize * nbw2 + i11 as usize * nbw1 + start as usize * nbw0);
-                    // SAFETY: x and y address this thread's disjoint block range of one row of
-                    // src1 and of the converted copy, both sized for the whole tensor.
-                    unsafe { from_float(x.cast(), y.cast(), (end - start) * bs) };
-                }
-            }
-        }
+        w.convert_like_stock(self.api, self.src1, self.traits.vec_dot_type, from_float);
     }
 
     /// Phase B: output rows `rows` for every activation column, reading the weights of the
@@ -244,7 +210,7 @@ impl MmOp {
     /// ggml_compute_forward_mul_mat_one_chunk on rows `rows`: vec_dot of each weight row with
     /// each activation column, blocked 16 x 16 as stock blocks it.
     fn dot_rows(&self, w: &Work, base: *const u8, head: usize, rows: Range<i64>) {
-        let Some(vec_dot) = self.vec_dot else { return };
+        let Some(vec_dot) = self.traits.vec_dot else { return };
         let ne00 = self.src0.ne()[0] as i32;
         let nb01 = self.src0.nb()[1];
         let ne1 = self.src1.ne();
@@ -259,7 +225,6 @@ impl MmOp {
         let base = base.wrapping_add(head * self.src0.nb()[2]);
         let nr1 = self.columns_per_head();
         const BLK: i64 = 16;
-        let mut tmp = [0f32; BLK as usize];
         let mut c0 = 0;
         while c0 < nr1 {
             let c1 = (c0 + BLK).min(nr1);
@@ -275,26 +240,11 @@ impl MmOp {
                     } else {
                         act.wrapping_add(i11 as usize * nb1[1] + i12 as usize * nb1[2] + i13 as usize * nb1[3])
                     };
-                    for r in r0..r1 {
-                        // SAFETY: row r of the weights and the activation column are inside
-                        // their tensors; tmp has room for one float per row of the block.
-                        unsafe {
-                            vec_dot(
-                                ne00,
-                                tmp.as_mut_ptr().add((r - r0) as usize),
-                                0,
-                                base.add(r as usize * nb01).cast(),
-                                0,
-                                col.cast(),
-                                0,
-                                1,
-                            )
-                        };
-                    }
                     let out = dst.wrapping_add(i11 as usize * nbd[1] + i12 as usize * nbd[2] + i13 as usize * nbd[3]).cast::<f32>();
-                    // SAFETY: output rows r0..r1 of this column are this thread's alone: every
-                    // row is computed by exactly one thread.
-                    unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(r0 as usize), (r1 - r0) as usize) };
+                    // SAFETY: rows r0..r1 of the weights and the activation column are inside
+                    // their tensors; output rows r0..r1 of this column are this thread's alone:
+                    // every row is computed by exactly one thread.
+                    unsafe { super::dot_block(vec_dot, ne00, base, nb01, r0..r1, col, out) };
                 }
                 r0 = r1;
             }
@@ -337,7 +287,7 @@ impl MmOp {
     }
 }
 
-/// The parameters ggml passed, for messages.
+/// The op and its weights, for messages.
 pub fn describe(op: &MmOp) -> String {
     format!("MUL_MAT {} over {}", op.dst.name(), op.src0.name())
 }

@@ -126,30 +126,8 @@ impl MmidOp {
     /// Phase A, every thread: convert this thread's share of the activations to vec_dot_type,
     /// with ggml-cpu's partition (so the bytes are the ones stock produces).
     pub fn convert_src1(&self, w: &Work) {
-        let Some(from_float) = self.from_float else { return };
-        let ne = self.src1.ne();
-        let nb = self.src1.nb();
-        let vt = self.traits.vec_dot_type;
-        let bs = self.api.blck_size(vt).max(1);
-        let nbw0 = self.api.type_size(vt);
-        let nbw1 = self.api.row_size(vt, ne[0]);
-        let nbw2 = nbw1 * ne[1] as usize;
-        let (ith, nth) = (w.ith() as i64, w.nth() as i64);
-        let start = (ith * ne[0] / bs) / nth;
-        let end = ((ith + 1) * ne[0] / bs) / nth;
-        if end <= start {
-            return;
-        }
-        let base_in = self.src1.data_ptr();
-        let base_out = w.at(w.layout.converted);
-        for i12 in 0..ne[2] {
-            for i11 in 0..ne[1] {
-                let x = base_in.wrapping_add(i12 as usize * nb[2] + i11 as usize * nb[1] + (start * bs) as usize * nb[0]);
-                let y = base_out.wrapping_add(i12 as usize * nbw2 + i11 as usize * nbw1 + start as usize * nbw0);
-                // SAFETY: x and y address this thread's disjoint block range of one row of
-                // src1 and of the converted copy, both sized by ggml for the whole tensor.
-                unsafe { from_float(x.cast(), y.cast(), (end - start) * bs) };
-            }
+        if let Some(from_float) = self.from_float {
+            w.convert_like_stock(self.api, self.src1, self.traits.vec_dot_type, from_float);
         }
     }
 
@@ -211,7 +189,6 @@ impl MmidOp {
         let weights = base.wrapping_add(expert * nb02);
         let mapping = self.routed_rows(w, expert);
         const BLK: i64 = 16;
-        let mut tmp = [0f32; BLK as usize];
         // Blocked like ggml's one_chunk: 16 tokens x 16 rows keeps the weights in cache.
         let mut t0 = 0;
         while t0 < n {
@@ -229,26 +206,11 @@ impl MmidOp {
                     } else {
                         act.wrapping_add(i11 as usize * nb11 + i12 as usize * nb12)
                     };
-                    for r in r0..r1 {
-                        // SAFETY: row r of this expert and the activation row are inside
-                        // their tensors; tmp has room for one float.
-                        unsafe {
-                            vec_dot(
-                                ne00,
-                                tmp.as_mut_ptr().add((r - r0) as usize),
-                                0,
-                                weights.add(r as usize * nb01).cast(),
-                                0,
-                                col.cast(),
-                                0,
-                                1,
-                            )
-                        };
-                    }
                     let out = dst.wrapping_add(m.slot as usize * nbd[1] + m.token as usize * nbd[2]).cast::<f32>();
-                    // SAFETY: output rows r0..r1 of this (slot, token) belong to this thread
+                    // SAFETY: rows r0..r1 of this expert and the activation row are inside their
+                    // tensors; output rows r0..r1 of this (slot, token) belong to this thread
                     // alone: every (expert, row) is computed by exactly one thread.
-                    unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(r0 as usize), (r1 - r0) as usize) };
+                    unsafe { super::dot_block(vec_dot, ne00, weights, nb01, r0..r1, col, out) };
                 }
                 r0 = r1;
             }

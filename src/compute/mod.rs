@@ -130,27 +130,39 @@ pub fn run_mm(rt: &Runtime, api: &Api, op: &MmOp, buf: &NumaBuffer, placed: &Pla
     }
 }
 
-fn phases_mm(rt: &Runtime, api: &Api, op: &MmOp, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work) {
-    let (ith, nth) = (work.ith(), work.nth());
+/// Phase A, the part every hooked op shares, then the barrier: thread 0 reports and resets the
+/// claim counters; every thread brings the replicas up to date, writes its node into the
+/// roster and runs the op's own share of phase A (`prepare`: converting the activations, and
+/// for MUL_MAT_ID thread 0's grouping of the routed rows); after the barrier thread 0 checks
+/// the pages once.
+fn phase_a(rt: &Runtime, api: &Api, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work, prepare: impl FnOnce()) {
+    let ith = work.ith();
     if ith == 0 {
-        MM_OPS_COMPUTED.fetch_add(1, Ordering::Relaxed);
         buf.report_once(rt);
         work.reset_claims();
     }
     buf.sync_replicas(placed);
     work.set_roster(thread_node(rt, api, ith));
-    op.convert_src1(work);
+    prepare();
     injected_fault(work);
     api.barrier(&work.params);
-
     if ith == 0 {
         buf.verify_once(rt);
     }
+}
+
+fn phases_mm(rt: &Runtime, api: &Api, op: &MmOp, buf: &NumaBuffer, placed: &PlacedTensor, work: &Work) {
+    let (ith, nth) = (work.ith(), work.nth());
+    if ith == 0 {
+        MM_OPS_COMPUTED.fetch_add(1, Ordering::Relaxed);
+    }
+    phase_a(rt, api, buf, placed, work, || op.convert_src1(work));
+
     let columns = op.columns_per_head();
     let key = MmKey { roster: work.roster(), columns, row_group: op.row_group(), gemm: op.n_tokens() > 3 };
     // Every thread's share depends only on the roster and the op's shape, which repeat every
-    // token: planned once per tensor and kept with it (rebuilding the assignment and the chunk
-    // lists on every op cost a measurable share of a 50 us decode op).
+    // token: planned once per tensor and kept with it, rather than rebuilding the assignment
+    // and the chunk lists (allocations, topology lookups) on every op of every token.
     let shares = {
         let cached = placed.mm_shares.read();
         match cached.as_ref() {
@@ -251,30 +263,20 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
         OPS_COMPUTED.fetch_add(1, Ordering::Relaxed);
     }
 
-    // Phase A.
-    if ith == 0 {
-        buf.report_once(rt);
-        work.reset_claims();
-    }
-    buf.sync_replicas(placed);
-    work.set_roster(thread_node(rt, api, ith));
-    op.convert_src1(work);
-    if ith == 0 {
-        op.group_rows(work);
-        if stats::enabled() {
-            let t = &placed.plan.tensor;
-            if let Some(layer) = stats::layer_for(&t.name, t.layer, t.n_expert) {
-                layer.record(op.n_tokens() as u64, |e| op.routed(work, e) as u64);
+    phase_a(rt, api, buf, placed, work, || {
+        op.convert_src1(work);
+        if ith == 0 {
+            op.group_rows(work);
+            if stats::enabled() {
+                let t = &placed.plan.tensor;
+                if let Some(layer) = stats::layer_for(&t.name, t.layer, t.n_expert) {
+                    layer.record(op.n_tokens() as u64, |e| op.routed(work, e) as u64);
+                }
             }
         }
-    }
-    injected_fault(work);
-    api.barrier(&work.params);
+    });
 
     // Phase B.
-    if ith == 0 {
-        buf.verify_once(rt);
-    }
     let a = assign(&rt.topology, &work.roster(), &placed.piece_nodes);
     let (group, rank, size, slot) = a.of_thread(ith);
     let primary = op.src0.data_ptr() as *const u8;
@@ -333,6 +335,34 @@ fn phases(rt: &Runtime, api: &Api, op: &MmidOp, buf: &NumaBuffer, placed: &Place
     if count {
         reads.flush(placed.category, op.n_tokens() == 1);
     }
+}
+
+/// `vec_dot` of weight rows `rows` (row `r` at `weights + r * nb01`) with one activation column
+/// `col`, one row per call as ggml-cpu's stock kernels call it, the results written to
+/// `out[rows]`: the inner block of both hooks' standard-layout kernels (16 rows at most).
+///
+/// # Safety
+/// The rows and the column must be readable for `ne00` elements of their types; `out` must be
+/// writable at `rows`, and those outputs must be this thread's alone.
+pub(crate) unsafe fn dot_block(
+    vec_dot: unsafe extern "C" fn(i32, *mut f32, usize, *const std::ffi::c_void, usize, *const std::ffi::c_void, usize, i32),
+    ne00: i32,
+    weights: *const u8,
+    nb01: usize,
+    rows: std::ops::Range<i64>,
+    col: *const u8,
+    out: *mut f32,
+) {
+    let mut tmp = [0f32; 16];
+    debug_assert!(rows.end - rows.start <= tmp.len() as i64);
+    for r in rows.clone() {
+        // SAFETY: per this function's contract; tmp has room for 16 rows.
+        unsafe {
+            vec_dot(ne00, tmp.as_mut_ptr().add((r - rows.start) as usize), 0, weights.add(r as usize * nb01).cast(), 0, col.cast(), 0, 1)
+        };
+    }
+    // SAFETY: per this function's contract.
+    unsafe { std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(rows.start as usize), (rows.end - rows.start) as usize) };
 }
 
 /// The node this thread works for: on a described topology its slot in the balanced

@@ -21,7 +21,7 @@
 //! There is one roster line and one claim counter per thread: a group is a set of threads,
 //! so there are never more groups than threads, whatever the number of nodes.
 
-use crate::ggml::NumaMoeComputeParams;
+use crate::ggml::{Api, GgmlType, NumaMoeComputeParams, TensorRef};
 
 pub(crate) const CACHE_LINE: usize = 64;
 
@@ -87,6 +87,44 @@ impl Work {
     /// Address `off` bytes into the work buffer (pointer arithmetic only).
     pub fn at(&self, off: usize) -> *mut u8 {
         self.params.wdata.cast::<u8>().wrapping_add(off)
+    }
+
+    /// Phase A: this thread's share of `src1` converted to `vt` with `from_float` into the
+    /// `converted` region, with ggml-cpu's partition (every row, its blocks split evenly over
+    /// the threads): the layout stock's kernels read, rows back to back, planes after planes.
+    /// The bytes do not depend on the partition.
+    pub fn convert_like_stock(
+        &self,
+        api: &Api,
+        src1: TensorRef,
+        vt: GgmlType,
+        from_float: unsafe extern "C" fn(*const f32, *mut std::ffi::c_void, i64),
+    ) {
+        let (ne, nb) = (src1.ne(), src1.nb());
+        let bs = api.blck_size(vt).max(1);
+        let nbw0 = api.type_size(vt);
+        let nbw1 = api.row_size(vt, ne[0]);
+        let nbw2 = nbw1 * ne[1] as usize;
+        let nbw3 = nbw2 * ne[2] as usize;
+        let (ith, nth) = (self.ith() as i64, self.nth() as i64);
+        let start = (ith * ne[0] / bs) / nth;
+        let end = ((ith + 1) * ne[0] / bs) / nth;
+        if end <= start {
+            return;
+        }
+        let (base_in, base_out) = (src1.data_ptr(), self.at(self.layout.converted));
+        for i13 in 0..ne[3] as usize {
+            for i12 in 0..ne[2] as usize {
+                for i11 in 0..ne[1] as usize {
+                    let x = base_in.wrapping_add(i13 * nb[3] + i12 * nb[2] + i11 * nb[1] + (start * bs) as usize * nb[0]);
+                    let y = base_out.wrapping_add(i13 * nbw3 + i12 * nbw2 + i11 * nbw1 + start as usize * nbw0);
+                    // SAFETY: x and y address this thread's disjoint block range of one row of
+                    // src1 and of the converted copy, which the op's layout sized for the whole
+                    // tensor.
+                    unsafe { from_float(x.cast(), y.cast(), (end - start) * bs) };
+                }
+            }
+        }
     }
 
     /// Phase A: this thread records the node it works for (its own cache line).

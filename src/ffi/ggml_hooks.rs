@@ -436,6 +436,32 @@ enum Hooked {
     Mm(MmOp),
 }
 
+impl Hooked {
+    /// The work buffer bytes the op needs with `n` threads.
+    fn work_size(&self, n: usize) -> usize {
+        match self {
+            Hooked::Mmid(op) => crate::compute::work_size(op, n),
+            Hooked::Mm(op) => op.layout(n).total,
+        }
+    }
+
+    /// Step 0 (see the compute module): compute the op here, or decline on every thread.
+    fn decide(&self, placed: &PlacedTensor, params: &NumaMoeComputeParams) -> Option<crate::compute::work::Work> {
+        match self {
+            Hooked::Mmid(op) => crate::compute::decide(op, placed, params),
+            Hooked::Mm(op) => crate::compute::decide_mm(op, placed, params),
+        }
+    }
+
+    /// Steps 1 and 2 on this thread: finishes the op or aborts, never unwinds.
+    fn run(&self, rt: &Runtime, api: &Api, buf: &NumaBuffer, placed: &PlacedTensor, work: &crate::compute::work::Work) {
+        match self {
+            Hooked::Mmid(op) => crate::compute::run(rt, api, op, buf, placed, work),
+            Hooked::Mm(op) => crate::compute::run_mm(rt, api, op, buf, placed, work),
+        }
+    }
+}
+
 /// The parts of a MUL_MAT_ID or MUL_MAT numa-moe computes itself: its weights' buffer and
 /// plan, and the op with its kernels resolved. `None`: ggml-cpu's stock kernel computes it.
 fn hooked_op(api: &'static Api, op: TensorRef) -> Option<(&'static NumaBuffer, std::sync::Arc<PlacedTensor>, Hooked)> {
@@ -445,8 +471,8 @@ fn hooked_op(api: &'static Api, op: TensorRef) -> Option<(&'static NumaBuffer, s
     }
     let layout = if buf.repacked() { Some(api.repack_layout(op.src(0)?)?) } else { None };
     let hooked = match op.op() {
-        raw::GGML_OP_MUL_MAT_ID if !placed.plan.tensor.is_dense() => Hooked::Mmid(MmidOp::new(api, op, layout)?),
-        raw::GGML_OP_MUL_MAT if placed.plan.tensor.is_dense() => Hooked::Mm(MmOp::new(api, op, layout)?),
+        raw::GGML_OP_MUL_MAT_ID if !placed.is_dense() => Hooked::Mmid(MmidOp::new(api, op, layout)?),
+        raw::GGML_OP_MUL_MAT if placed.is_dense() => Hooked::Mm(MmOp::new(api, op, layout)?),
         _ => return None,
     };
     Some((buf, placed, hooked))
@@ -473,7 +499,7 @@ fn supports_op(api: &'static Api, rt: &Runtime, op: TensorRef) -> bool {
     // op over it in an empty buffer of our type: no data yet, and no name (every node of a
     // graph has one: ggml names the unnamed "node_N"; graphs reserved over a model loaded
     // without allocation, as llama.cpp's memory fitting does, also have weights without data).
-    let probing = op.name().is_empty() && (0..4).filter_map(|i| op.src(i)).any(|s| is_ours(s.buffer_type()) && s.data_addr() == 0);
+    let probing = op.name_bytes().is_empty() && (0..4).filter_map(|i| op.src(i)).any(|s| is_ours(s.buffer_type()) && s.data_addr() == 0);
     let in_repack = |t: TensorRef| !t.buffer_type().is_null() && t.buffer_type() == repack_buft();
     let repacked = in_repack(src0);
     if !probing {
@@ -538,11 +564,7 @@ pub unsafe extern "C" fn numa_moe_ggml_work_size(n_threads: i32, op: *const c_vo
         // SAFETY: forwarded from this function's contract.
         let (Some(op), Some(size)) = (unsafe { TensorRef::new(op.cast()) }, unsafe { size.as_mut() }) else { return false };
         let Some((_, _, hooked)) = ggml::api().and_then(|api| hooked_op(api, op)) else { return false };
-        let n = n_threads.max(1) as usize;
-        *size = match &hooked {
-            Hooked::Mmid(mm) => crate::compute::work_size(mm, n),
-            Hooked::Mm(mm) => mm.layout(n).total,
-        };
+        *size = hooked.work_size(n_threads.max(1) as usize);
         true
     })
 }
@@ -561,18 +583,12 @@ pub unsafe extern "C" fn numa_moe_ggml_compute_forward(params: *const NumaMoeCom
         let (Some(params), Some(op)) = (unsafe { params.as_ref() }, unsafe { TensorRef::new(op.cast()) }) else { return None };
         let (Some(api), Ok(rt)) = (ggml::api(), crate::config::runtime()) else { return None };
         let (buf, placed, hooked) = hooked_op(api, op)?;
-        let work = match &hooked {
-            Hooked::Mmid(mm) => crate::compute::decide(mm, &placed, params)?,
-            Hooked::Mm(mm) => crate::compute::decide_mm(mm, &placed, params)?,
-        };
+        let work = hooked.decide(&placed, params)?;
         Some((api, rt, buf, placed, hooked, work))
     });
     let Some((api, rt, buf, placed, hooked, work)) = decided else { return false };
-    // Past the decision point: compute::run finishes the op or aborts, it never unwinds.
-    match &hooked {
-        Hooked::Mmid(mm) => crate::compute::run(rt, api, mm, buf, &placed, &work),
-        Hooked::Mm(mm) => crate::compute::run_mm(rt, api, mm, buf, &placed, &work),
-    }
+    // Past the decision point: run finishes the op or aborts, it never unwinds.
+    hooked.run(rt, api, buf, &placed, &work);
     true
 }
 
@@ -596,7 +612,7 @@ pub unsafe extern "C" fn numa_moe_ggml_count_stock(op: *const c_void) {
         if !src0.is_weight() {
             return;
         }
-        let category = crate::weights::category_of(&src0.name());
+        let category = crate::weights::category_of(std::str::from_utf8(src0.name_bytes()).unwrap_or_default());
         match op.op() {
             raw::GGML_OP_GET_ROWS => {
                 let n = src1.nelements().max(0) as u64;

@@ -471,17 +471,12 @@ static void fill_weights(struct ggml_tensor * w, uint8_t * out) {
     free(src);
 }
 
-// Computes mul_mat_id over the weights already in `e` (caller frees the result).
-static float * mmid_over(struct experts * e, const struct mmid_case * c, const float * act, const int32_t * ids, int n_threads) {
-    const int64_t ne11 = c->broadcast ? 1 : c->n_used;
-    struct ggml_init_params ip = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
-    struct ggml_context * ctx  = ggml_init(ip);
-    struct ggml_tensor *  b    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, ne11, c->n_tokens);
-    struct ggml_tensor *  id   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, c->n_used, c->n_tokens);
-    memcpy(b->data, act, ggml_nbytes(b));
-    memcpy(id->data, ids, ggml_nbytes(id));
-    struct ggml_tensor * out = ggml_mul_mat_id(ctx, e->w, b, id);
-    struct ggml_cgraph * gf  = ggml_new_graph(ctx);
+// Computes the graph of `out` (built in `ctx`) on a CPU backend with `n_threads` threads and
+// returns a copy of its output (caller frees), or NULL when the compute failed.
+static float * compute_output(struct ggml_tensor * out, int n_threads) {
+    struct ggml_init_params ip = { ggml_graph_overhead(), NULL, false };
+    struct ggml_context *   gctx = ggml_init(ip);
+    struct ggml_cgraph *    gf   = ggml_new_graph(gctx);
     ggml_build_forward_expand(gf, out);
     ggml_backend_t be = ggml_backend_cpu_init();
     ggml_backend_cpu_set_n_threads(be, n_threads);
@@ -491,6 +486,30 @@ static float * mmid_over(struct experts * e, const struct mmid_case * c, const f
         memcpy(res, out->data, ggml_nbytes(out));
     }
     ggml_backend_free(be);
+    ggml_free(gctx);
+    return res;
+}
+
+// The index of the first float whose bits differ in two outputs of `bytes` bytes (bytes / 4
+// when none does).
+static size_t first_difference(const float * a, const float * b, size_t bytes) {
+    size_t i = 0;
+    while (i < bytes / 4 && memcmp(&a[i], &b[i], 4) == 0) {
+        i++;
+    }
+    return i;
+}
+
+// Computes mul_mat_id over the weights already in `e` (caller frees the result).
+static float * mmid_over(struct experts * e, const struct mmid_case * c, const float * act, const int32_t * ids, int n_threads) {
+    const int64_t ne11 = c->broadcast ? 1 : c->n_used;
+    struct ggml_init_params ip = { 64 * 1024 * 1024, NULL, false };
+    struct ggml_context * ctx  = ggml_init(ip);
+    struct ggml_tensor *  b    = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, ne11, c->n_tokens);
+    struct ggml_tensor *  id   = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, c->n_used, c->n_tokens);
+    memcpy(b->data, act, ggml_nbytes(b));
+    memcpy(id->data, ids, ggml_nbytes(id));
+    float * res = compute_output(ggml_mul_mat_id(ctx, e->w, b, id), n_threads);
     ggml_free(ctx);
     return res;
 }
@@ -585,10 +604,7 @@ static int mmid_identical_in(const struct mmid_case * c, const char * const * ma
                   maps[mi], after.ops_computed - before.ops_computed);
             CHECK(after.ops_declined == before.ops_declined, "map %s: the hook declined", maps[mi]);
             if (got && memcmp(ref, got, out_bytes) != 0) {
-                size_t i = 0;
-                while (i < out_bytes / 4 && memcmp(&ref[i], &got[i], 4) == 0) {
-                    i++;
-                }
+                const size_t i = first_difference(ref, got, out_bytes);
                 CHECK(0, "%s %" PRId64 " tokens, %d threads, map %s, %s: output %zu differs from %s's (%g vs %g)", ggml_type_name(c->type),
                       c->n_tokens, threads[ti], maps[mi], ggml_backend_buft_name(got_buft), i, ggml_backend_buft_name(ref_buft), (double) ref[i],
                       (double) got[i]);
@@ -713,24 +729,16 @@ static float * run_mm(const struct mm_case * c, ggml_backend_buffer_type_t buft,
         if (map && !topology_is_described() && numa_moe_tensor_verify(w, &rep) == NUMA_MOE_RESULT_OK) {
             CHECK(rep.misplaced == 0, "map %s: %" PRIu64 " pages of the matrix off their planned node", map, rep.misplaced);
         }
-        struct ggml_init_params ip  = { 64 * 1024 * 1024 + ggml_graph_overhead(), NULL, false };
+        struct ggml_init_params ip  = { 64 * 1024 * 1024, NULL, false };
         struct ggml_context *   ctx = ggml_init(ip);
         struct ggml_tensor *    b   = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, c->n_embd, nh, c->n_tokens);
         memcpy(b->data, act, ggml_nbytes(b));
         struct ggml_tensor * out = ggml_mul_mat(ctx, w, nh > 1 ? ggml_permute(ctx, b, 0, 2, 1, 3) : ggml_reshape_2d(ctx, b, c->n_embd, c->n_tokens));
-        struct ggml_cgraph * gf  = ggml_new_graph(ctx);
-        ggml_build_forward_expand(gf, out);
-        ggml_backend_t be = ggml_backend_cpu_init();
-        ggml_backend_cpu_set_n_threads(be, n_threads);
         NumaMoeStats before, after;
         numa_moe_stats_get(&before);
-        if (ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS) {
-            res = malloc(ggml_nbytes(out));
-            memcpy(res, out->data, ggml_nbytes(out));
-        }
+        res = compute_output(out, n_threads);
         numa_moe_stats_get(&after);
         *hooked = after.mm_ops_computed - before.mm_ops_computed;
-        ggml_backend_free(be);
         ggml_free(ctx);
         ggml_backend_buffer_free(wbuf);
     }
@@ -775,10 +783,7 @@ static void mm_identical(const struct mm_case * c, const int * threads, ggml_bac
             CHECK(hooked == (uint64_t) want, "%s %" PRId64 " tokens, map %s: the hook computed %" PRIu64 " MUL_MAT ops, expected %d",
                   ggml_type_name(c->type), c->n_tokens, maps[mi], hooked, want);
             if (got && memcmp(ref, got, out_bytes) != 0) {
-                size_t i = 0;
-                while (i < out_bytes / 4 && memcmp(&ref[i], &got[i], 4) == 0) {
-                    i++;
-                }
+                const size_t i = first_difference(ref, got, out_bytes);
                 CHECK(0, "%s %" PRId64 "x%" PRId64 ", %" PRId64 " tokens, %d threads, map %s, %s: output %zu differs from %s's (%g vs %g)",
                       ggml_type_name(c->type), c->n_out, c->n_embd, c->n_tokens, threads[ti], maps[mi], ggml_backend_buft_name(got_buft), i,
                       ggml_backend_buft_name(ref_buft), (double) ref[i], (double) got[i]);
